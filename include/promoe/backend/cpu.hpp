@@ -1,0 +1,100 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file cpu.hpp
+/// \brief backend::cpu: host memory, OpenMP loops, Eigen GEMM (BLAS when EIGEN_USE_BLAS).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include <Eigen/Core>
+
+#include "backend.hpp"
+#include "eigen_gemm.hpp"
+
+namespace promoe {
+
+template <>
+struct backend_traits<backend::cpu> {
+  static constexpr const char* name = "cpu";
+  /// Memory the host can read directly.
+  static constexpr bool host_accessible = true;
+
+  template <class T>
+  using buffer = std::vector<T, Eigen::aligned_allocator<T>>;
+
+  template <class T>
+  static T* raw(buffer<T>& b) { return b.data(); }
+  template <class T>
+  static const T* raw(const buffer<T>& b) { return b.data(); }
+
+  /// f(i) for every i in [0, n). Small loops stay serial: a parallel region costs more
+  /// than a few thousand cheap iterations.
+  template <class F>
+  static void parallel_for(index_t n, F f) {
+#if defined(_OPENMP)
+    if (n > 32) {
+#pragma omp parallel for schedule(static)
+      for (index_t i = 0; i < n; ++i) f(i);
+      return;
+    }
+#endif
+    for (index_t i = 0; i < n; ++i) f(i);
+  }
+
+  template <class T>
+  static void gemm(transpose ta, transpose tb, index_t m, index_t n, index_t k, T alpha, const T* a,
+                   index_t lda, const T* b, index_t ldb, T beta, T* c, index_t ldc) {
+    detail::eigen_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+
+  /// Stable counting sort: order lists the indices i with 0 <= keys[i] < num_keys grouped by
+  /// key (ascending), in index order within a key; offsets[num_keys + 1] delimit the groups.
+  static void group_by_key(const std::int32_t* keys, index_t n, index_t num_keys, index_t* order,
+                           index_t* offsets) {
+    std::fill(offsets, offsets + num_keys + 1, index_t{0});
+    for (index_t i = 0; i < n; ++i)
+      if (keys[i] >= 0 && keys[i] < num_keys) ++offsets[keys[i] + 1];
+    for (index_t e = 0; e < num_keys; ++e) offsets[e + 1] += offsets[e];
+    std::vector<index_t> next(offsets, offsets + num_keys);
+    for (index_t i = 0; i < n; ++i)
+      if (keys[i] >= 0 && keys[i] < num_keys) order[next[keys[i]]++] = i;
+  }
+
+  template <class T>
+  static void copy_to_host(const T* src, index_t n, T* host_dst) {
+    if (n > 0) std::memcpy(host_dst, src, sizeof(T) * n);
+  }
+  template <class T>
+  static void copy_from_host(const T* host_src, index_t n, T* dst) {
+    if (n > 0) std::memcpy(dst, host_src, sizeof(T) * n);
+  }
+  template <class T>
+  static void copy(const T* src, index_t n, T* dst) {
+    if (n > 0) std::memcpy(dst, src, sizeof(T) * n);
+  }
+  template <class T>
+  static void fill(T* p, index_t n, T value) {
+    std::fill(p, p + n, value);
+  }
+  /// Sum in index order, accumulated in double (deterministic).
+  template <class T>
+  static T sum(const T* p, index_t n) {
+    double s = 0;
+    for (index_t i = 0; i < n; ++i) s += static_cast<double>(p[i]);
+    return static_cast<T>(s);
+  }
+  /// Index of the first NaN or Inf, or -1.
+  template <class T>
+  static index_t first_non_finite(const T* p, index_t n) {
+    for (index_t i = 0; i < n; ++i)
+      if (!std::isfinite(p[i])) return i;
+    return -1;
+  }
+};
+
+static_assert(Backend<backend::cpu>);
+
+}  // namespace promoe

@@ -1,0 +1,97 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file ops.hpp
+/// \brief Backend-generic dense helpers built on backend_traits: GEMM on views, bias rows,
+/// bias gradients, elementwise maps. Each loop body is an index functor, so every backend
+/// runs the same code.
+#pragma once
+
+#include "../core/error.hpp"
+#include "../core/view.hpp"
+#include "backend.hpp"
+
+namespace promoe::ops {
+
+/// C = alpha * op(A) * op(B) + beta * C on views; shapes are checked.
+template <class B, class T>
+void gemm(const_matrix_view<T> a, transpose ta, const_matrix_view<T> b, transpose tb, matrix_view<T> c,
+          T alpha = T(1), T beta = T(0)) {
+  const index_t m = ta == transpose::yes ? a.cols : a.rows;
+  const index_t k = ta == transpose::yes ? a.rows : a.cols;
+  const index_t kb = tb == transpose::yes ? b.cols : b.rows;
+  const index_t n = tb == transpose::yes ? b.rows : b.cols;
+  PROMOE_CHECK(k == kb && c.rows == m && c.cols == n, "ops::gemm: inner or outer sizes disagree (", m, "x", k,
+               " times ", kb, "x", n, " into ", c.rows, "x", c.cols, ")");
+  backend_traits<B>::gemm(ta, tb, m, n, k, alpha, a.data, a.ld, b.data, b.ld, beta, c.data, c.ld);
+}
+
+namespace detail {
+template <class T>
+struct set_rows_functor {
+  T* out;  // [rows, cols], leading dimension ld
+  index_t cols, ld;
+  const T* row;  // [cols]
+  PROMOE_HOST_DEVICE void operator()(index_t r) const {
+    T* o = out + r * ld;
+    for (index_t j = 0; j < cols; ++j) o[j] = row[j];
+  }
+};
+template <class T>
+struct add_rows_functor {
+  T* out;  // [rows, cols], leading dimension ld
+  index_t cols, ld;
+  const T* row;  // [cols]
+  PROMOE_HOST_DEVICE void operator()(index_t r) const {
+    T* o = out + r * ld;
+    for (index_t j = 0; j < cols; ++j) o[j] += row[j];
+  }
+};
+template <class T>
+struct copy_rows_functor {
+  const T* in;  // [rows, cols], leading dimension ldi
+  index_t ldi;
+  T* out;  // [rows, cols], leading dimension ldo
+  index_t ldo, cols;
+  PROMOE_HOST_DEVICE void operator()(index_t r) const {
+    for (index_t j = 0; j < cols; ++j) out[r * ldo + j] = in[r * ldi + j];
+  }
+};
+}  // namespace detail
+
+/// Every row of `out` := row (or += row when accumulate).
+template <class B, class T>
+void broadcast_row(matrix_view<T> out, const T* row, bool accumulate) {
+  if (accumulate)
+    backend_traits<B>::parallel_for(out.rows, detail::add_rows_functor<T>{out.data, out.cols, out.ld, row});
+  else
+    backend_traits<B>::parallel_for(out.rows, detail::set_rows_functor<T>{out.data, out.cols, out.ld, row});
+}
+
+/// out = in (same shape, any leading dimensions).
+template <class B, class T>
+void copy(const_matrix_view<T> in, matrix_view<T> out) {
+  PROMOE_CHECK(in.rows == out.rows && in.cols == out.cols, "ops::copy: shapes differ");
+  if (in.ld == in.cols && out.ld == out.cols)
+    backend_traits<B>::copy(in.data, in.rows * in.cols, out.data);
+  else
+    backend_traits<B>::parallel_for(in.rows, detail::copy_rows_functor<T>{in.data, in.ld, out.data, out.ld, in.cols});
+}
+
+/// grad[cols] += column sums of d[rows, cols]: a GEMM against a ones vector, so BLAS does it.
+/// `ones` holds at least d.rows ones.
+template <class B, class T>
+void accumulate_column_sums(const_matrix_view<T> d, const T* ones, T* grad) {
+  if (d.rows == 0) return;
+  backend_traits<B>::gemm(transpose::no, transpose::no, 1, d.cols, d.rows, T(1), ones, d.rows, d.data, d.ld,
+                          T(1), grad, d.cols);
+}
+
+/// Throws promoe::error naming `what` and the [row, col] of the first NaN or Inf.
+template <class B, class T>
+void check_finite(const_matrix_view<T> m, const char* what) {
+  PROMOE_CHECK(m.ld == m.cols || m.rows <= 1, "check_finite: strided views are not supported");
+  const index_t i = backend_traits<B>::first_non_finite(m.data, m.rows * m.cols);
+  PROMOE_CHECK(i < 0, what, " contains a non-finite value (NaN or Inf) at [", i / (m.cols ? m.cols : 1), ", ",
+               i % (m.cols ? m.cols : 1), "]");
+}
+
+}  // namespace promoe::ops

@@ -1,0 +1,171 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file thrust.hpp
+/// \brief backend::thrust: buffers are thrust::device_vector and loops thrust::for_each on the
+/// configured device system (THRUST_DEVICE_SYSTEM: CPP, OMP or CUDA).
+///
+/// On host device systems (CPP, OMP) "device" memory is host memory, so GEMMs go to Eigen
+/// exactly as on backend::cpu. Under CUDA this file runs a plain one-thread-per-element GEMM
+/// kernel through the same functor mechanism; it is correct, not fast.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include <thrust/binary_search.h>
+#include <thrust/copy.h>
+#include <thrust/device_vector.h>
+#include <thrust/execution_policy.h>
+#include <thrust/fill.h>
+#include <thrust/find.h>
+#include <thrust/for_each.h>
+#include <thrust/iterator/counting_iterator.h>
+#include <thrust/iterator/transform_iterator.h>
+#include <thrust/reduce.h>
+#include <thrust/sequence.h>
+#include <thrust/sort.h>
+#include <thrust/transform.h>
+
+#include "backend.hpp"
+
+#if THRUST_DEVICE_SYSTEM != THRUST_DEVICE_SYSTEM_CUDA
+#include "eigen_gemm.hpp"
+#endif
+
+namespace promoe {
+
+namespace detail {
+
+/// One thread per element of C: the portable GEMM used when no vendor GEMM is wired in.
+template <class T>
+struct naive_gemm_functor {
+  bool ta, tb;
+  index_t n, k;
+  T alpha, beta;
+  const T* a;  // [m, k] (or [k, m] when ta), row-major, leading dimension lda
+  index_t lda;
+  const T* b;  // [k, n] (or [n, k] when tb), row-major, leading dimension ldb
+  index_t ldb;
+  T* c;  // [m, n], leading dimension ldc
+  index_t ldc;
+
+  PROMOE_HOST_DEVICE void operator()(index_t idx) const {
+    const index_t i = idx / n, j = idx % n;
+    T acc = T(0);
+    for (index_t p = 0; p < k; ++p) {
+      const T av = ta ? a[p * lda + i] : a[i * lda + p];
+      const T bv = tb ? b[j * ldb + p] : b[p * ldb + j];
+      acc += av * bv;
+    }
+    T& out = c[i * ldc + j];
+    out = (beta == T(0) ? T(0) : beta * out) + alpha * acc;
+  }
+};
+
+template <class T>
+struct is_not_finite {
+  PROMOE_HOST_DEVICE bool operator()(T v) const {
+    using std::isfinite;
+    return !isfinite(v);
+  }
+};
+
+template <class T>
+struct to_double {
+  PROMOE_HOST_DEVICE double operator()(T v) const { return static_cast<double>(v); }
+};
+
+template <class T>
+struct subtract_constant {
+  T value;
+  PROMOE_HOST_DEVICE T operator()(T v) const { return v - value; }
+};
+
+}  // namespace detail
+
+template <>
+struct backend_traits<backend::thrust> {
+  static constexpr const char* name = "thrust";
+  static constexpr bool host_accessible = THRUST_DEVICE_SYSTEM != THRUST_DEVICE_SYSTEM_CUDA;
+
+  template <class T>
+  using buffer = ::thrust::device_vector<T>;
+
+  template <class T>
+  static T* raw(buffer<T>& b) { return ::thrust::raw_pointer_cast(b.data()); }
+  template <class T>
+  static const T* raw(const buffer<T>& b) { return ::thrust::raw_pointer_cast(b.data()); }
+
+  template <class F>
+  static void parallel_for(index_t n, F f) {
+    if (n <= 0) return;
+    ::thrust::for_each_n(::thrust::device, ::thrust::counting_iterator<index_t>(0), n, f);
+  }
+
+  template <class T>
+  static void gemm(transpose ta, transpose tb, index_t m, index_t n, index_t k, T alpha, const T* a,
+                   index_t lda, const T* b, index_t ldb, T beta, T* c, index_t ldc) {
+#if THRUST_DEVICE_SYSTEM != THRUST_DEVICE_SYSTEM_CUDA
+    detail::eigen_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+#else
+    if (m == 0 || n == 0) return;
+    parallel_for(m * n, detail::naive_gemm_functor<T>{ta == transpose::yes, tb == transpose::yes, n, k,
+                                                      alpha, beta, a, lda, b, ldb, c, ldc});
+#endif
+  }
+
+  /// Stable grouping by key: one stable sort of (key, index) pairs, then a vectorised
+  /// lower_bound for the group offsets. Negative keys sort first and are dropped.
+  static void group_by_key(const std::int32_t* keys, index_t n, index_t num_keys, index_t* order,
+                           index_t* offsets) {
+    auto k = ::thrust::device_pointer_cast(keys);
+    ::thrust::device_vector<std::int32_t> sorted(k, k + n);
+    ::thrust::device_vector<index_t> idx(n);
+    ::thrust::sequence(::thrust::device, idx.begin(), idx.end());
+    ::thrust::stable_sort_by_key(::thrust::device, sorted.begin(), sorted.end(), idx.begin());
+    auto off = ::thrust::device_pointer_cast(offsets);
+    ::thrust::lower_bound(::thrust::device, sorted.begin(), sorted.end(),
+                          ::thrust::counting_iterator<std::int32_t>(0),
+                          ::thrust::counting_iterator<std::int32_t>(static_cast<std::int32_t>(num_keys + 1)),
+                          off);
+    const index_t dropped = off[0];
+    const index_t kept = static_cast<index_t>(off[num_keys]) - dropped;
+    ::thrust::copy_n(::thrust::device, idx.begin() + dropped, kept, ::thrust::device_pointer_cast(order));
+    ::thrust::transform(::thrust::device, off, off + num_keys + 1, off,
+                        detail::subtract_constant<index_t>{dropped});
+  }
+
+  template <class T>
+  static void copy_to_host(const T* src, index_t n, T* host_dst) {
+    if (n > 0) ::thrust::copy_n(::thrust::device_pointer_cast(src), n, host_dst);
+  }
+  template <class T>
+  static void copy_from_host(const T* host_src, index_t n, T* dst) {
+    if (n > 0) ::thrust::copy_n(host_src, n, ::thrust::device_pointer_cast(dst));
+  }
+  template <class T>
+  static void copy(const T* src, index_t n, T* dst) {
+    if (n > 0)
+      ::thrust::copy_n(::thrust::device, ::thrust::device_pointer_cast(src), n, ::thrust::device_pointer_cast(dst));
+  }
+  template <class T>
+  static void fill(T* p, index_t n, T value) {
+    if (n > 0) ::thrust::fill_n(::thrust::device, ::thrust::device_pointer_cast(p), n, value);
+  }
+  template <class T>
+  static T sum(const T* p, index_t n) {
+    if (n <= 0) return T(0);
+    auto first = ::thrust::make_transform_iterator(::thrust::device_pointer_cast(p), detail::to_double<T>{});
+    return static_cast<T>(::thrust::reduce(::thrust::device, first, first + n, 0.0));
+  }
+  template <class T>
+  static index_t first_non_finite(const T* p, index_t n) {
+    if (n <= 0) return -1;
+    auto first = ::thrust::device_pointer_cast(p);
+    auto it = ::thrust::find_if(::thrust::device, first, first + n, detail::is_not_finite<T>{});
+    return it == first + n ? index_t{-1} : static_cast<index_t>(it - first);
+  }
+};
+
+static_assert(Backend<backend::thrust>);
+
+}  // namespace promoe

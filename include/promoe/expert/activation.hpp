@@ -1,0 +1,82 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file activation.hpp
+/// \brief Activation policies for experts: value and derivative, usable on host and device.
+///
+///  - act::gelu_tanh : GELU with the tanh approximation (DiT, ProMoE experts)
+///  - act::gelu      : exact GELU (erf)
+///  - act::silu      : x * sigmoid(x) (the gate of SwiGLU)
+///  - act::relu
+#pragma once
+
+#include <cmath>
+#include <concepts>
+
+#include "../core/config.hpp"
+
+namespace promoe::act {
+
+struct gelu_tanh {
+  static constexpr const char* name = "gelu_tanh";
+  template <class T>
+  PROMOE_HOST_DEVICE static T value(T x) {
+    using std::tanh;
+    const T c = T(0.7978845608028654);  // sqrt(2 / pi)
+    return T(0.5) * x * (T(1) + tanh(c * (x + T(0.044715) * x * x * x)));
+  }
+  template <class T>
+  PROMOE_HOST_DEVICE static T derivative(T x) {
+    using std::tanh;
+    const T c = T(0.7978845608028654);
+    const T t = tanh(c * (x + T(0.044715) * x * x * x));
+    return T(0.5) * (T(1) + t) + T(0.5) * x * (T(1) - t * t) * c * (T(1) + T(3 * 0.044715) * x * x);
+  }
+};
+
+struct gelu {
+  static constexpr const char* name = "gelu";
+  template <class T>
+  PROMOE_HOST_DEVICE static T value(T x) {
+    using std::erf;
+    return T(0.5) * x * (T(1) + erf(x * T(0.7071067811865476)));
+  }
+  template <class T>
+  PROMOE_HOST_DEVICE static T derivative(T x) {
+    using std::erf;
+    using std::exp;
+    return T(0.5) * (T(1) + erf(x * T(0.7071067811865476))) + x * exp(T(-0.5) * x * x) * T(0.3989422804014327);
+  }
+};
+
+struct silu {
+  static constexpr const char* name = "silu";
+  template <class T>
+  PROMOE_HOST_DEVICE static T value(T x) {
+    using std::exp;
+    return x / (T(1) + exp(-x));
+  }
+  template <class T>
+  PROMOE_HOST_DEVICE static T derivative(T x) {
+    using std::exp;
+    const T s = T(1) / (T(1) + exp(-x));
+    return s * (T(1) + x * (T(1) - s));
+  }
+};
+
+struct relu {
+  static constexpr const char* name = "relu";
+  template <class T>
+  PROMOE_HOST_DEVICE static T value(T x) { return x > T(0) ? x : T(0); }
+  template <class T>
+  PROMOE_HOST_DEVICE static T derivative(T x) { return x > T(0) ? T(1) : T(0); }
+};
+
+}  // namespace promoe::act
+
+namespace promoe {
+/// An activation: static value(x) and derivative(x) for float and double.
+template <class A>
+concept ActivationPolicy = requires(float f, double d) {
+  { A::value(f) } -> std::same_as<float>;
+  { A::derivative(d) } -> std::same_as<double>;
+};
+}  // namespace promoe

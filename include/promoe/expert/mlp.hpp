@@ -1,0 +1,150 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file mlp.hpp
+/// \brief expert::mlp<Act>: Linear(D -> I) + bias, Act, Linear(I -> D) + bias, for a bank of
+/// experts whose weights are stored batched ([E, I, D] and [E, D, I], PyTorch [out, in]).
+#pragma once
+
+#include <string>
+
+#include "../backend/init.hpp"
+#include "../backend/ops.hpp"
+#include "../backend/tensor.hpp"
+#include "../core/rng.hpp"
+#include "activation.hpp"
+#include "naming.hpp"
+
+namespace promoe::expert {
+
+namespace detail {
+/// act[:, I:2I] = Act(act[:, 0:I]) for one row.
+template <class Act, class T>
+struct activate_functor {
+  T* act;  // [rows, 2I]: pre-activation then activation
+  index_t hidden;
+  PROMOE_HOST_DEVICE void operator()(index_t r) const {
+    T* h = act + r * 2 * hidden;
+    for (index_t j = 0; j < hidden; ++j) h[hidden + j] = Act::value(h[j]);
+  }
+};
+/// d[:, j] *= Act'(h[:, j]) for one row.
+template <class Act, class T>
+struct activation_backward_functor {
+  const T* act;  // [rows, 2I]
+  T* d;          // [rows, I]: gradient at the activation output, becomes gradient at its input
+  index_t hidden;
+  PROMOE_HOST_DEVICE void operator()(index_t r) const {
+    const T* h = act + r * 2 * hidden;
+    T* g = d + r * hidden;
+    for (index_t j = 0; j < hidden; ++j) g[j] *= Act::derivative(h[j]);
+  }
+};
+}  // namespace detail
+
+/// \tparam Act activation policy (act::gelu_tanh in DiT and ProMoE).
+template <ActivationPolicy Act>
+struct mlp {
+  static constexpr const char* name = "mlp";
+  using activation = Act;
+
+  /// Per-row activations kept for backward: pre-activation and activation, 2I values.
+  static constexpr index_t cache_width(index_t hidden) { return 2 * hidden; }
+  /// Per-row scratch the backward needs: the gradient at the hidden layer, I values.
+  static constexpr index_t scratch_width(index_t hidden) { return hidden; }
+
+  template <class T, class B>
+  class bank {
+   public:
+    using traits = backend_traits<B>;
+
+    bank() = default;
+    bank(index_t count, index_t dim, index_t hidden) : count_(count), dim_(dim), hidden_(hidden) {
+      for (auto* t : {&w1_, &gw1_}) t->resize({count, hidden, dim});
+      for (auto* t : {&b1_, &gb1_}) t->resize({count, hidden});
+      for (auto* t : {&w2_, &gw2_}) t->resize({count, dim, hidden});
+      for (auto* t : {&b2_, &gb2_}) t->resize({count, dim});
+      for (auto* t : {&w1_, &b1_, &w2_, &b2_}) t->fill(T(0));
+      zero_grad();
+    }
+
+    index_t count() const { return count_; }
+    index_t dim() const { return dim_; }
+    index_t hidden() const { return hidden_; }
+
+    /// Xavier-uniform weights, zero biases (DiT's initialisation of every Linear).
+    void init(rng& gen) {
+      for (index_t e = 0; e < count_; ++e) {
+        init::xavier_uniform<B>(w1(e), hidden_, dim_, gen);
+        init::xavier_uniform<B>(w2(e), dim_, hidden_, gen);
+      }
+      b1_.fill(T(0));
+      b2_.fill(T(0));
+    }
+
+    void zero_grad() {
+      for (auto* t : {&gw1_, &gb1_, &gw2_, &gb2_}) t->fill(T(0));
+    }
+
+    /// y (+)= expert e applied to the rows of x; act [rows, 2I] receives the activations.
+    void forward(index_t e, const_matrix_view<T> x, matrix_view<T> act, matrix_view<T> y, bool accumulate) const {
+      if (x.rows == 0) return;
+      auto h = act.col_block(0, hidden_);
+      auto a = act.col_block(hidden_, hidden_);
+      ops::broadcast_row<B>(h, b1(e), false);
+      ops::gemm<B, T>(x, transpose::no, const_matrix_view<T>{w1(e), hidden_, dim_}, transpose::yes, h, T(1), T(1));
+      traits::parallel_for(x.rows, detail::activate_functor<Act, T>{act.data, hidden_});
+      ops::broadcast_row<B>(y, b2(e), accumulate);
+      ops::gemm<B, T>(a, transpose::no, const_matrix_view<T>{w2(e), dim_, hidden_}, transpose::yes, y, T(1), T(1));
+    }
+
+    /// Accumulates parameter gradients of expert e and writes (or adds) dx.
+    /// scratch holds [rows, I]; ones holds at least rows ones (for bias gradients).
+    void backward(index_t e, const_matrix_view<T> x, const_matrix_view<T> act, const_matrix_view<T> dy,
+                  matrix_view<T> dx, bool accumulate_dx, matrix_view<T> scratch, const T* ones) {
+      if (x.rows == 0) return;
+      auto a = act.col_block(hidden_, hidden_);
+      auto dh = scratch.col_block(0, hidden_);
+      ops::gemm<B, T>(dy, transpose::yes, a, transpose::no, {gw2(e), dim_, hidden_}, T(1), T(1));
+      ops::accumulate_column_sums<B>(dy, ones, gb2(e));
+      ops::gemm<B, T>(dy, transpose::no, const_matrix_view<T>{w2(e), dim_, hidden_}, transpose::no, dh);
+      traits::parallel_for(x.rows, detail::activation_backward_functor<Act, T>{act.data, dh.data, hidden_});
+      ops::gemm<B, T>(dh, transpose::yes, x, transpose::no, matrix_view<T>{gw1(e), hidden_, dim_}, T(1), T(1));
+      ops::accumulate_column_sums<B>(const_matrix_view<T>(dh), ones, gb1(e));
+      ops::gemm<B, T>(dh, transpose::no, const_matrix_view<T>{w1(e), hidden_, dim_}, transpose::no, dx, T(1),
+                      accumulate_dx ? T(1) : T(0));
+    }
+
+    /// f(named_parameter) for expert e under `prefix` (e.g. "experts.3.").
+    template <class F>
+    void for_each_parameter(index_t e, const std::string& prefix, const param_naming& names, F&& f) {
+      f(named_parameter<T>{prefix + names.mlp_in + ".weight", {hidden_, dim_}, w1(e), gw1(e)});
+      f(named_parameter<T>{prefix + names.mlp_in + ".bias", {hidden_}, b1(e), gb1(e)});
+      f(named_parameter<T>{prefix + names.mlp_out + ".weight", {dim_, hidden_}, w2(e), gw2(e)});
+      f(named_parameter<T>{prefix + names.mlp_out + ".bias", {dim_}, b2(e), gb2(e)});
+    }
+
+   private:
+    /// Expert e's part of a batched tensor (const or not, as the tensor is).
+    template <class Tensor>
+    static auto slice(Tensor& t, index_t e) {
+      return t.data() + e * (t.size() / t.dim(0));
+    }
+    auto w1(index_t e) const { return slice(w1_, e); }
+    auto b1(index_t e) const { return slice(b1_, e); }
+    auto w2(index_t e) const { return slice(w2_, e); }
+    auto b2(index_t e) const { return slice(b2_, e); }
+    auto w1(index_t e) { return slice(w1_, e); }
+    auto b1(index_t e) { return slice(b1_, e); }
+    auto w2(index_t e) { return slice(w2_, e); }
+    auto b2(index_t e) { return slice(b2_, e); }
+    auto gw1(index_t e) { return slice(gw1_, e); }
+    auto gb1(index_t e) { return slice(gb1_, e); }
+    auto gw2(index_t e) { return slice(gw2_, e); }
+    auto gb2(index_t e) { return slice(gb2_, e); }
+
+    index_t count_ = 0, dim_ = 0, hidden_ = 0;
+    tensor<T, B> w1_, b1_, w2_, b2_;      // [E, I, D], [E, I], [E, D, I], [E, D]
+    tensor<T, B> gw1_, gb1_, gw2_, gb2_;  // their gradients
+  };
+};
+
+}  // namespace promoe::expert

@@ -1,0 +1,81 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file concept.hpp
+/// \brief The auxiliary-loss contract: loss_input, LossPolicy and the losses<...> list.
+///
+/// Loss policies:
+///  - loss::load_balance : Switch load balancing, weight * E * sum_e f_e * P_e
+///  - loss::z_loss       : router z-loss, weight * mean_t logsumexp(logits_t)^2
+#pragma once
+
+#include <vector>
+
+#include "../backend/cpu.hpp"
+#include "../router/concept.hpp"
+#include "../router/score.hpp"
+#include "../routing/dispatch_plan.hpp"
+
+namespace promoe {
+
+/// What a loss reads: the router's logits over the routed experts and the dispatch plan.
+template <class T, class B>
+struct loss_input {
+  const T* logits = nullptr;  ///< [tokens, experts], backend memory
+  index_t tokens = 0;
+  index_t experts = 0;  ///< routed experts
+  const dispatch_plan<T, B>* plan = nullptr;
+};
+
+/// A loss policy L has L::options (with a `weight`) and L::impl<T, Backend> with:
+///  - impl(const options&, const router_layout&)
+///  - impl::cache
+///  - forward(loss_input, cache&) -> T                       (the weighted loss value)
+///  - backward(loss_input, const cache&, T* dlogits)         (adds d(value)/d(logits))
+template <class L>
+concept LossPolicy =
+    requires { typename L::options; typename L::template impl<double, backend::cpu>; } &&
+    std::constructible_from<typename L::template impl<double, backend::cpu>, const typename L::options&,
+                            const router_layout&> &&
+    requires(typename L::template impl<double, backend::cpu> l, const typename L::options& o,
+             const router_layout& layout, const loss_input<double, backend::cpu>& in,
+             typename L::template impl<double, backend::cpu>::cache& c, double* d) {
+      o.weight;
+      { l.forward(in, c) } -> std::convertible_to<double>;
+      l.backward(in, c, d);
+      { L::name } -> std::convertible_to<const char*>;
+    };
+
+/// The auxiliary losses of a layer, in order.
+template <LossPolicy... L>
+struct losses {
+  static constexpr std::size_t size = sizeof...(L);
+};
+
+namespace loss {
+
+/// The value of the Switch load-balance loss and friends need column means of softmax(logits).
+namespace detail {
+template <class T>
+struct softmax_rows_functor {
+  const T* logits;  // [tokens, E]
+  T* probs;         // [tokens, E]
+  index_t experts;
+  PROMOE_HOST_DEVICE void operator()(index_t t) const {
+    score::apply(score_fn::softmax, logits + t * experts, probs + t * experts, experts);
+  }
+};
+/// mean[e] = (1 / tokens) sum_t m[t, e], summed in token order (deterministic).
+template <class T>
+struct column_mean_functor {
+  const T* m;  // [tokens, E]
+  index_t tokens, experts;
+  T* mean;  // [E]
+  PROMOE_HOST_DEVICE void operator()(index_t e) const {
+    T s = T(0);
+    for (index_t t = 0; t < tokens; ++t) s += m[t * experts + e];
+    mean[e] = tokens ? s / T(tokens) : T(0);
+  }
+};
+}  // namespace detail
+
+}  // namespace loss
+}  // namespace promoe

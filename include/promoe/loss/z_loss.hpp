@@ -1,0 +1,91 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file z_loss.hpp
+/// \brief loss::z_loss: router z-loss (ST-MoE), weight * mean_t (logsumexp_e logits[t, e])^2.
+/// It keeps router logits small, which keeps the softmax well conditioned.
+#pragma once
+
+#include <cmath>
+
+#include "../backend/tensor.hpp"
+#include "concept.hpp"
+
+namespace promoe::loss {
+
+namespace detail {
+template <class T>
+struct logsumexp_functor {
+  const T* logits;  // [tokens, E]
+  index_t experts;
+  T* lse;     // [tokens]
+  T* square;  // [tokens] lse^2
+  PROMOE_HOST_DEVICE void operator()(index_t t) const {
+    using std::exp;
+    using std::log;
+    const T* z = logits + t * experts;
+    T m = z[0];
+    for (index_t e = 1; e < experts; ++e) m = z[e] > m ? z[e] : m;
+    T s = T(0);
+    for (index_t e = 0; e < experts; ++e) s += exp(z[e] - m);
+    lse[t] = m + log(s);
+    square[t] = lse[t] * lse[t];
+  }
+};
+/// dlogits[t, e] += scale * lse_t * softmax(z_t)_e,  scale = 2 weight / N
+template <class T>
+struct z_loss_backward_functor {
+  const T* logits;  // [tokens, E]
+  const T* lse;     // [tokens]
+  index_t experts;
+  T scale;
+  T* dlogits;  // [tokens, E]
+  PROMOE_HOST_DEVICE void operator()(index_t t) const {
+    using std::exp;
+    for (index_t e = 0; e < experts; ++e)
+      dlogits[t * experts + e] += scale * lse[t] * exp(logits[t * experts + e] - lse[t]);
+  }
+};
+}  // namespace detail
+
+struct z_loss {
+  static constexpr const char* name = "z_loss";
+  struct options {
+    double weight = 1e-3;  ///< ST-MoE's coefficient
+  };
+
+  template <class T, class B>
+  class impl {
+   public:
+    using traits = backend_traits<B>;
+    struct cache {
+      tensor<T, B> lse;     ///< [tokens]
+      tensor<T, B> square;  ///< [tokens]
+    };
+
+    impl(const options& o, const router_layout&) : opt_(o) {}
+
+    T forward(const loss_input<T, B>& in, cache& c) const {
+      const index_t n = in.tokens;
+      c.lse.resize({n});
+      c.square.resize({n});
+      if (n == 0) return T(0);
+      traits::parallel_for(n, detail::logsumexp_functor<T>{in.logits, in.experts, c.lse.data(), c.square.data()});
+      return static_cast<T>(opt_.weight * static_cast<double>(traits::sum(c.square.data(), n)) / static_cast<double>(n));
+    }
+
+    void backward(const loss_input<T, B>& in, cache& c, T* dlogits) const {
+      const index_t n = in.tokens;
+      if (n == 0) return;
+      const T scale = static_cast<T>(2.0 * opt_.weight / static_cast<double>(n));
+      traits::parallel_for(n, detail::z_loss_backward_functor<T>{in.logits, c.lse.data(), in.experts, scale, dlogits});
+    }
+
+    const options& opts() const { return opt_; }
+
+   private:
+    options opt_;
+  };
+};
+
+static_assert(LossPolicy<z_loss>);
+
+}  // namespace promoe::loss

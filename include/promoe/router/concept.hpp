@@ -1,0 +1,66 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file concept.hpp
+/// \brief The router contract: route_input, router_layout and the RouterPolicy concept.
+///
+/// Router policies:
+///  - router::top_k : linear gate, softmax/sigmoid/identity scores, top-k per token
+///                    (the DiT-MoE baseline; renormalisation optional)
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string>
+
+#include "../backend/cpu.hpp"
+#include "../backend/tensor.hpp"
+#include "../core/rng.hpp"
+#include "../core/view.hpp"
+#include "../routing/dispatch_plan.hpp"
+
+namespace promoe {
+
+/// What a router sees of the layer: widths and expert counts. Routed experts have ids
+/// 0..routed-1, unconditional experts routed..routed+unconditional-1.
+struct router_layout {
+  index_t dim = 0;
+  index_t routed = 0;
+  index_t unconditional = 0;
+  index_t experts() const { return routed + unconditional; }
+};
+
+/// The tokens to route: x [tokens, D] in backend memory; labels per sample on the host
+/// (may be empty for routers that do not use them); tokens are grouped by sample.
+template <class T>
+struct route_input {
+  const_matrix_view<T> x;
+  std::span<const std::int64_t> labels;
+  index_t tokens_per_sample = 0;
+  bool training = true;
+};
+
+/// A router policy R has R::options and R::impl<T, Backend> with:
+///  - impl(const options&, const router_layout&, rng&)       (throws promoe::error on bad options)
+///  - slots_per_token()                                        (plan width)
+///  - impl::cache                                              (what backward needs)
+///  - forward(route_input, cache&, dispatch_plan&)             (fills slots, calls plan.group())
+///  - backward(route_input, cache&, plan, dgate, extra_dlogits, dx)
+///        dgate [tokens*slots]; extra_dlogits [tokens, experts] or null (auxiliary losses);
+///        dx is accumulated
+///  - zero_grad(), for_each_parameter(f) with f(named_parameter<T>)
+template <class R>
+concept RouterPolicy =
+    requires { typename R::options; typename R::template impl<double, backend::cpu>; } &&
+    std::constructible_from<typename R::template impl<double, backend::cpu>, const typename R::options&,
+                            const router_layout&, rng&> &&
+    requires(typename R::template impl<double, backend::cpu> r, const typename R::options& o,
+             const router_layout& l, rng& gen, const route_input<double>& in,
+             typename R::template impl<double, backend::cpu>::cache& c, dispatch_plan<double, backend::cpu>& plan,
+             const double* dgate, matrix_view<double> dx) {
+      { r.slots_per_token() } -> std::convertible_to<index_t>;
+      r.forward(in, c, plan);
+      r.backward(in, c, plan, dgate, dgate, dx);
+      r.zero_grad();
+      r.for_each_parameter(detail::parameter_sink{});
+    };
+
+}  // namespace promoe

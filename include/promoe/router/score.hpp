@@ -1,0 +1,65 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file score.hpp
+/// \brief Score functions that turn router logits into gate scores, and their backward.
+///
+/// A runtime choice rather than a template parameter: it costs one branch per token, keeps
+/// instantiation counts (and compile times) down, and lets a config file pick it.
+#pragma once
+
+#include <cmath>
+#include <ostream>
+#include <string>
+
+#include "../core/config.hpp"
+#include "../core/error.hpp"
+
+namespace promoe {
+
+enum class score_fn : int {
+  softmax = 0,  ///< over the experts of a token (DiT-MoE, expert choice)
+  sigmoid = 1,  ///< per expert, independent
+  identity = 2  ///< the logit itself (ProMoE's cosine, Expert Race)
+};
+
+inline const char* to_string(score_fn f) {
+  switch (f) {
+    case score_fn::softmax: return "softmax";
+    case score_fn::sigmoid: return "sigmoid";
+    case score_fn::identity: return "identity";
+  }
+  return "?";
+}
+inline std::ostream& operator<<(std::ostream& os, score_fn f) { return os << to_string(f); }
+
+/// "softmax" | "sigmoid" | "identity" -> score_fn; anything else is an error naming the choices.
+inline score_fn parse_score_fn(const std::string& s) {
+  if (s == "softmax") return score_fn::softmax;
+  if (s == "sigmoid") return score_fn::sigmoid;
+  if (s == "identity") return score_fn::identity;
+  fail("unknown score function '", s, "' (expected softmax, sigmoid or identity)");
+}
+
+namespace score {
+
+/// p[0..n) = f(z[0..n)).
+template <class T>
+PROMOE_HOST_DEVICE void apply(score_fn f, const T* z, T* p, index_t n) {
+  using std::exp;
+  if (f == score_fn::softmax) {
+    T m = z[0];
+    for (index_t e = 1; e < n; ++e) m = z[e] > m ? z[e] : m;
+    T s = T(0);
+    for (index_t e = 0; e < n; ++e) {
+      p[e] = exp(z[e] - m);
+      s += p[e];
+    }
+    for (index_t e = 0; e < n; ++e) p[e] /= s;
+  } else if (f == score_fn::sigmoid) {
+    for (index_t e = 0; e < n; ++e) p[e] = T(1) / (T(1) + exp(-z[e]));
+  } else {
+    for (index_t e = 0; e < n; ++e) p[e] = z[e];
+  }
+}
+
+}  // namespace score
+}  // namespace promoe
