@@ -25,7 +25,11 @@ struct thrust {};
 namespace detail {
 template <class>
 inline constexpr bool always_false = false;
-}
+
+/// Host loops shorter than this run serially: opening a parallel region costs more than a
+/// hundred short per-token bodies, and far more when the cores are oversubscribed.
+inline constexpr index_t serial_below = 128;
+}  // namespace detail
 
 /// Specialised once per backend tag; the primary template names what is missing.
 template <class Tag>

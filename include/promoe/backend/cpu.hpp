@@ -30,12 +30,11 @@ struct backend_traits<backend::cpu> {
   template <class T>
   static const T* raw(const buffer<T>& b) { return b.data(); }
 
-  /// f(i) for every i in [0, n). Small loops stay serial: a parallel region costs more
-  /// than a few thousand cheap iterations.
+  /// f(i) for every i in [0, n); short loops stay serial (detail::serial_below).
   template <class F>
   static void parallel_for(index_t n, F f) {
 #if defined(_OPENMP)
-    if (n > 32) {
+    if (n >= detail::serial_below) {
 #pragma omp parallel for schedule(static)
       for (index_t i = 0; i < n; ++i) f(i);
       return;

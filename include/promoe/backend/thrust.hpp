@@ -95,9 +95,17 @@ struct backend_traits<backend::thrust> {
   template <class T>
   static const T* raw(const buffer<T>& b) { return ::thrust::raw_pointer_cast(b.data()); }
 
+  /// f(i) for every i in [0, n) on the device system; on host systems short loops stay
+  /// serial (detail::serial_below).
   template <class F>
   static void parallel_for(index_t n, F f) {
     if (n <= 0) return;
+    if constexpr (host_accessible) {
+      if (n < detail::serial_below) {
+        for (index_t i = 0; i < n; ++i) f(i);
+        return;
+      }
+    }
     ::thrust::for_each_n(::thrust::device, ::thrust::counting_iterator<index_t>(0), n, f);
   }
 

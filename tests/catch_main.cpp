@@ -1,0 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file catch_main.cpp
+/// \brief The one Catch2 main shared by every test executable.
+#define CATCH_CONFIG_MAIN
+#include <catch2/catch.hpp>

@@ -1,0 +1,145 @@
+// SPDX-License-Identifier: Apache-2.0
+// The whole MoE layer (top-k router, dispatch, mlp experts, SwiGLU shared experts, load
+// balance and z-loss) against the naive float64 reference, on every backend, at awkward sizes.
+#include <catch2/catch.hpp>
+
+#include <promoe/promoe.hpp>
+
+#include "backends.hpp"
+#include "layer_helpers.hpp"
+
+using namespace promoe;
+
+namespace {
+
+template <class B, class T>
+using baseline_layer = moe_layer<router::top_k, expert::mlp<act::gelu_tanh>, losses<loss::load_balance, loss::z_loss>, B,
+                                 T, expert::swiglu>;
+
+struct case_sizes {
+  index_t tokens, dim, experts, k;
+};
+
+std::vector<case_sizes> awkward_sizes() {
+  std::vector<case_sizes> out;
+  for (index_t n : {1, 7, 733})
+    for (index_t d : {3, 19, 64})
+      for (index_t e : {1, 5, 16})
+        for (index_t k : {index_t{1}, index_t{2}, e})
+          if (k <= e)  // each valid k once
+            if (std::none_of(out.begin(), out.end(),
+                             [&](const case_sizes& c) { return c.tokens == n && c.dim == d && c.experts == e && c.k == k; }))
+              out.push_back({n, d, e, k});
+  return out;
+}
+
+}  // namespace
+
+TEMPLATE_LIST_TEST_CASE("moe_layer matches the float64 reference at awkward sizes", "[layer][reference]", test_configs) {
+  using B = typename TestType::backend;
+  using T = typename TestType::scalar;
+  using layer_t = baseline_layer<B, T>;
+  const double tol = promoe_test::tolerance<T>();
+  const auto cases = awkward_sizes();
+  REQUIRE(cases.size() == 3 * 3 * (1 + 3 + 3));  // E = 1: k = 1; E = 5, 16: k = 1, 2, E
+
+  for (std::size_t ci = 0; ci < cases.size(); ++ci) {
+    const auto [n, d, e, k] = cases[ci];
+    const score_fn fn = static_cast<score_fn>(ci % 3);
+    const bool renorm = fn != score_fn::identity && (ci / 3) % 2 == 1;
+    const index_t shared = static_cast<index_t>(ci % 3 == 2 ? 2 : ci % 2);
+    CAPTURE(n, d, e, k, fn, renorm, shared);
+
+    typename layer_t::config cfg;
+    cfg.dim = d;
+    cfg.routed_experts = e;
+    cfg.expert_hidden = 2 * d + 1;
+    cfg.shared_experts = shared;
+    cfg.shared_hidden = d + 3;
+    cfg.router = {k, fn, renorm};
+    cfg.loss = {{0.01}, {1e-3}};
+    cfg.names = param_naming::dit_moe();
+    layer_t layer(cfg, rng{100 + ci});
+
+    const auto xh = random_vector<T>(static_cast<std::size_t>(n * d), 7 + ci, 2.0);
+    auto x = to_device<B>(xh, {n, d});
+    typename layer_t::cache cache;
+    const auto y = layer.forward(x, {}, cache).to_host();
+
+    reference::layer_spec spec;
+    spec.dim = static_cast<int>(d);
+    spec.routed = static_cast<int>(e);
+    spec.hidden = static_cast<int>(cfg.expert_hidden);
+    spec.shared = static_cast<int>(shared);
+    spec.shared_hidden = static_cast<int>(cfg.shared_hidden);
+    spec.k = static_cast<int>(k);
+    spec.fn = promoe_test::reference_score(fn);
+    spec.renormalize = renorm;
+    spec.routed_kind = reference::kind::mlp_gelu_tanh;
+    spec.shared_kind = reference::kind::swiglu;
+    spec.shared_prefix = "shared_experts";
+    spec.mlp_in = "fc1";
+    spec.mlp_out = "fc2";
+    spec.load_balance = 0.01;
+    spec.z_loss = 1e-3;
+    const auto ref = reference::forward(spec, promoe_test::read_params(layer),
+                                        reference::vec(xh.begin(), xh.end()), static_cast<int>(n));
+
+    // In float32 a token whose k-th and (k+1)-th scores are closer than rounding may be
+    // routed differently from the float64 reference: leave such near-ties out (counted).
+    const double tie = sizeof(T) == 8 ? 0.0 : 1e-5;
+    const auto slot_expert = cache.plan.slot_expert.to_host();
+    std::vector<double> got, want;
+    index_t ties = 0;
+    for (index_t t = 0; t < n; ++t) {
+      if (ref.margin[t] <= tie) {
+        ++ties;
+        continue;
+      }
+      for (index_t s = 0; s < k; ++s) REQUIRE(slot_expert[t * k + s] == ref.slots[t][s]);
+      for (index_t j = 0; j < d; ++j) {
+        got.push_back(y[t * d + j]);
+        want.push_back(ref.y[t * d + j]);
+      }
+    }
+    REQUIRE(ties <= n / 100);
+    CHECK(promoe_test::relative_error(got, want) <= tol);
+    if (ties == 0) {
+      const auto aux = layer.aux_losses(cache);
+      REQUIRE(aux.size() == 2);
+      CHECK(aux[0].first == "load_balance");
+      CHECK(std::abs(aux[0].second - ref.load_balance) <= tol * std::abs(ref.load_balance) + 1e-300);
+      CHECK(std::abs(aux[1].second - ref.z_loss) <= tol * std::abs(ref.z_loss) + 1e-300);
+    }
+
+    // The inference path routes and computes the same outputs, without a cache.
+    const auto y_infer = layer.infer(x).to_host();
+    CHECK(promoe_test::relative_error(y_infer, y) == 0.0);
+  }
+}
+
+TEST_CASE("the dispatch plan groups tokens per expert in token order", "[layer][dispatch]") {
+  using layer_t = baseline_layer<backend::cpu, double>;
+  typename layer_t::config cfg;
+  cfg.dim = 8;
+  cfg.routed_experts = 4;
+  cfg.expert_hidden = 5;
+  cfg.router.k = 2;
+  layer_t layer(cfg, rng{3});
+  const index_t n = 37;
+  auto x = to_device<backend::cpu>(random_vector<double>(n * 8, 11), {n, 8});
+  typename layer_t::cache cache;
+  layer.forward(x, {}, cache);
+  const auto& plan = cache.plan;
+  REQUIRE(plan.rows() == n * 2);
+  const auto slot_expert = plan.slot_expert.to_host();
+  const auto row_slot = plan.row_slot.to_host();
+  for (index_t e = 0; e < 4; ++e) {
+    index_t prev = -1;
+    for (index_t r = plan.host_offsets[e]; r < plan.host_offsets[e + 1]; ++r) {
+      CHECK(slot_expert[row_slot[r]] == e);
+      CHECK(row_slot[r] > prev);
+      prev = row_slot[r];
+    }
+  }
+}
