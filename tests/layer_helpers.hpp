@@ -15,17 +15,21 @@
 
 namespace promoe_test {
 
-/// Every parameter of `layer`, by name, as float64 host vectors.
+/// Every parameter (or its gradient) of `layer`, by name, as float64 host vectors.
 template <class Layer>
-reference::params read_params(Layer& layer) {
+reference::params read_params(Layer& layer, bool gradients = false) {
   using T = typename Layer::scalar;
   reference::params p;
   for (const auto& np : layer.parameters()) {
     std::vector<T> host(static_cast<std::size_t>(np.size()));
-    Layer::traits::copy_to_host(np.value, np.size(), host.data());
+    Layer::traits::copy_to_host(gradients ? np.grad : np.value, np.size(), host.data());
     p.tensors[np.name] = reference::vec(host.begin(), host.end());
   }
   return p;
+}
+template <class Layer>
+reference::params read_grads(Layer& layer) {
+  return read_params(layer, true);
 }
 
 /// max |a - b| / max(max |b|, floor): a norm-wise relative error.

@@ -143,3 +143,44 @@ TEST_CASE("the dispatch plan groups tokens per expert in token order", "[layer][
     }
   }
 }
+
+#if defined(PROMOE_TEST_THRUST)
+TEMPLATE_TEST_CASE("cpu and thrust backends agree on outputs and every gradient", "[layer][backends]", double, float) {
+  using T = TestType;
+  using cpu_layer = baseline_layer<backend::cpu, T>;
+  using thrust_layer = baseline_layer<backend::thrust, T>;
+  const index_t n = 733, d = 19;
+  auto make_cfg = [](auto cfg) {
+    cfg.dim = d;
+    cfg.routed_experts = 5;
+    cfg.expert_hidden = 23;
+    cfg.shared_experts = 1;
+    cfg.shared_hidden = 11;
+    cfg.router = {2, score_fn::softmax, true};
+    cfg.loss = {{0.01}, {1e-3}};
+    return cfg;
+  };
+  cpu_layer a(make_cfg(typename cpu_layer::config{}), rng{5});
+  thrust_layer b(make_cfg(typename thrust_layer::config{}), rng{5});
+  const auto xh = random_vector<T>(n * d, 1, 2.0), dyh = random_vector<T>(n * d, 2, 1.0);
+  typename cpu_layer::cache ca;
+  typename thrust_layer::cache cb;
+  auto xa = to_device<backend::cpu>(xh, {n, d});
+  auto xb = to_device<backend::thrust>(xh, {n, d});
+  const auto ya = a.forward(xa, {}, ca).to_host();
+  const auto yb = b.forward(xb, {}, cb).to_host();
+  const double tol = promoe_test::tolerance<T>();
+  CHECK(promoe_test::relative_error(yb, ya) <= tol);
+  CHECK(cb.plan.slot_expert.to_host() == ca.plan.slot_expert.to_host());
+  CHECK(std::abs(b.aux_loss(cb) - a.aux_loss(ca)) <= tol * std::abs(a.aux_loss(ca)));
+  const auto dxa = a.backward(to_device<backend::cpu>(dyh, {n, d}), ca).to_host();
+  const auto dxb = b.backward(to_device<backend::thrust>(dyh, {n, d}), cb).to_host();
+  CHECK(promoe_test::relative_error(dxb, dxa) <= tol);
+  const auto pa = promoe_test::read_grads(a), pb = promoe_test::read_grads(b);
+  REQUIRE(pa.tensors.size() == pb.tensors.size());
+  for (const auto& [name, ga] : pa.tensors) {
+    INFO(name);
+    CHECK(promoe_test::relative_error(pb.at(name), ga, 1e-30) <= tol);
+  }
+}
+#endif

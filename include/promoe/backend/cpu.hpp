@@ -53,13 +53,17 @@ struct backend_traits<backend::cpu> {
   /// key (ascending), in index order within a key; offsets[num_keys + 1] delimit the groups.
   static void group_by_key(const std::int32_t* keys, index_t n, index_t num_keys, index_t* order,
                            index_t* offsets) {
+    const auto valid = [&](index_t i) { return keys[i] >= 0 && keys[i] < num_keys; };
     std::fill(offsets, offsets + num_keys + 1, index_t{0});
     for (index_t i = 0; i < n; ++i)
-      if (keys[i] >= 0 && keys[i] < num_keys) ++offsets[keys[i] + 1];
+      if (valid(i)) ++offsets[keys[i] + 1];
     for (index_t e = 0; e < num_keys; ++e) offsets[e + 1] += offsets[e];
-    std::vector<index_t> next(offsets, offsets + num_keys);
+    // offsets[k] serves as the cursor of group k; afterwards it holds the end of group k,
+    // so one shift restores the starts. No scratch memory.
     for (index_t i = 0; i < n; ++i)
-      if (keys[i] >= 0 && keys[i] < num_keys) order[next[keys[i]]++] = i;
+      if (valid(i)) order[offsets[keys[i]]++] = i;
+    for (index_t e = num_keys; e > 0; --e) offsets[e] = offsets[e - 1];
+    offsets[0] = 0;
   }
 
   template <class T>

@@ -76,7 +76,8 @@ struct load_balance {
       if (n == 0) return;
       std::vector<T> g(static_cast<std::size_t>(e));
       for (index_t x = 0; x < e; ++x) g[x] = static_cast<T>(opt_.weight * e * c.f[x] / static_cast<double>(n));
-      c.g = tensor<T, B>::from_host(g, {e});
+      c.g.resize({e});
+      traits::copy_from_host(g.data(), e, c.g.data());
       traits::parallel_for(n, detail::load_balance_backward_functor<T>{c.probs.data(), c.g.data(), e, dlogits});
     }
 

@@ -20,6 +20,15 @@
 
 namespace promoe {
 
+namespace routing {
+/// slot_row[row_slot[r]] = r. (Functors launched as CUDA kernels must not be private types.)
+struct invert_functor {
+  const index_t* row_slot;  // [rows]
+  index_t* slot_row;        // [tokens * slots]
+  PROMOE_HOST_DEVICE void operator()(index_t r) const { slot_row[row_slot[r]] = r; }
+};
+}  // namespace routing
+
 template <class T, class B>
 struct dispatch_plan {
   using traits = backend_traits<B>;
@@ -59,7 +68,7 @@ struct dispatch_plan {
     traits::copy_to_host(offsets.data(), experts + 1, host_offsets.data());
     row_slot.resize({host_offsets.back()});
     slot_row.fill(-1);
-    traits::parallel_for(rows(), invert_functor{row_slot.data(), slot_row.data()});
+    traits::parallel_for(rows(), routing::invert_functor{row_slot.data(), slot_row.data()});
   }
 
   /// Per-expert token counts on the host.
@@ -69,12 +78,6 @@ struct dispatch_plan {
     return c;
   }
 
- private:
-  struct invert_functor {
-    const index_t* row_slot;  // [rows]
-    index_t* slot_row;        // [tokens * slots]
-    PROMOE_HOST_DEVICE void operator()(index_t r) const { slot_row[row_slot[r]] = r; }
-  };
 };
 
 namespace routing {
