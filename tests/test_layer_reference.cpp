@@ -184,3 +184,54 @@ TEMPLATE_TEST_CASE("cpu and thrust backends agree on outputs and every gradient"
   }
 }
 #endif
+
+TEMPLATE_LIST_TEST_CASE("strided views of x, y, dy and dx give the contiguous results", "[layer][views]", test_backends) {
+  using B = TestType;
+  using layer_t = baseline_layer<B, double>;
+  typename layer_t::config cfg;
+  cfg.dim = 6;
+  cfg.routed_experts = 3;
+  cfg.expert_hidden = 7;
+  cfg.shared_experts = 1;
+  cfg.shared_hidden = 5;
+  cfg.router.k = 2;
+  cfg.validate = true;
+  layer_t layer(cfg, rng{8});
+  const index_t n = 150, d = 6, ld = 9;  // 150 tokens: the parallel paths run too
+  const auto xh = random_vector<double>(n * d, 3), dyh = random_vector<double>(n * d, 4);
+  std::vector<double> xs(n * ld, 1e300), dys(n * ld, 1e300);
+  for (index_t t = 0; t < n; ++t)
+    for (index_t j = 0; j < d; ++j) {
+      xs[t * ld + j] = xh[t * d + j];
+      dys[t * ld + j] = dyh[t * d + j];
+    }
+  auto x = to_device<B>(xh, {n, d});
+  auto x_wide = to_device<B>(xs, {n, ld});
+  auto dy_wide = to_device<B>(dys, {n, ld});
+  tensor<double, B> y_wide({n, ld}), dx_wide({n, ld});
+  const matrix_view<double> xv{x_wide.data(), n, d, ld}, yv{y_wide.data(), n, d, ld}, dyv{dy_wide.data(), n, d, ld},
+      dxv{dx_wide.data(), n, d, ld};
+
+  typename layer_t::cache c1, c2;
+  const auto y = layer.forward(x, {}, c1).to_host();
+  layer.zero_grad();
+  const auto dx = layer.backward(to_device<B>(dyh, {n, d}), c1).to_host();
+  const auto g1 = promoe_test::read_grads(layer);
+
+  layer.forward(xv, {}, yv, c2);
+  layer.zero_grad();
+  layer.backward(dyv, c2, dxv);
+  const auto g2 = promoe_test::read_grads(layer);
+  const auto yw = y_wide.to_host(), dxw = dx_wide.to_host();
+  for (index_t t = 0; t < n; ++t)
+    for (index_t j = 0; j < d; ++j) {
+      REQUIRE(yw[t * ld + j] == Approx(y[t * d + j]).epsilon(1e-12));
+      REQUIRE(dxw[t * ld + j] == Approx(dx[t * d + j]).epsilon(1e-12));
+    }
+  for (const auto& [name, g] : g1.tensors) CHECK(promoe_test::relative_error(g2.at(name), g, 1e-30) <= 1e-12);
+
+  layer.infer(xv, {}, yv);
+  const auto yi = y_wide.to_host();
+  for (index_t t = 0; t < n; ++t)
+    for (index_t j = 0; j < d; ++j) REQUIRE(yi[t * ld + j] == Approx(y[t * d + j]).epsilon(1e-12));
+}

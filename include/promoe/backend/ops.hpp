@@ -88,10 +88,13 @@ void accumulate_column_sums(const_matrix_view<T> d, const T* ones, T* grad) {
 /// Throws promoe::error naming `what` and the [row, col] of the first NaN or Inf.
 template <class B, class T>
 void check_finite(const_matrix_view<T> m, const char* what) {
-  PROMOE_CHECK(m.ld == m.cols || m.rows <= 1, "check_finite: strided views are not supported");
-  const index_t i = backend_traits<B>::first_non_finite(m.data, m.rows * m.cols);
-  PROMOE_CHECK(i < 0, what, " contains a non-finite value (NaN or Inf) at [", i / (m.cols ? m.cols : 1), ", ",
-               i % (m.cols ? m.cols : 1), "]");
+  if (m.empty()) return;
+  const bool contiguous = m.ld == m.cols || m.rows == 1;
+  for (index_t r = 0; r < (contiguous ? 1 : m.rows); ++r) {
+    const index_t i = backend_traits<B>::first_non_finite(m.row(r), contiguous ? m.rows * m.cols : m.cols);
+    PROMOE_CHECK(i < 0, what, " contains a non-finite value (NaN or Inf) at [", r + i / m.cols, ", ", i % m.cols,
+                 "]");
+  }
 }
 
 }  // namespace promoe::ops

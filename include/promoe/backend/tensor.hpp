@@ -55,15 +55,10 @@ class tensor {
 
   void fill(T v) { traits::fill(data(), size_, v); }
 
-  /// The tensor as a matrix: first dimension rows, the rest flattened into columns.
-  matrix_view<T> matrix() {
-    const index_t r = shape_.empty() ? 1 : shape_[0];
-    return {data(), r, r ? size_ / r : 0};
-  }
-  const_matrix_view<T> matrix() const {
-    const index_t r = shape_.empty() ? 1 : shape_[0];
-    return {data(), r, r ? size_ / r : 0};
-  }
+  /// The tensor as a matrix: first dimension rows, the product of the rest columns
+  /// (so a [0, D] tensor is a 0 x D matrix).
+  matrix_view<T> matrix() { return {data(), rows_(), cols_()}; }
+  const_matrix_view<T> matrix() const { return {data(), rows_(), cols_()}; }
   const_matrix_view<T> cmatrix() const { return matrix(); }
 
   std::vector<T> to_host() const {
@@ -73,6 +68,13 @@ class tensor {
   }
 
  private:
+  index_t rows_() const { return shape_.empty() ? 1 : shape_[0]; }
+  index_t cols_() const {
+    index_t c = 1;
+    for (std::size_t i = 1; i < shape_.size(); ++i) c *= shape_[i];
+    return c;
+  }
+
   typename traits::template buffer<T> buf_;
   std::vector<index_t> shape_;
   index_t size_ = 0;

@@ -74,10 +74,10 @@ struct to_double {
   PROMOE_HOST_DEVICE double operator()(T v) const { return static_cast<double>(v); }
 };
 
-template <class T>
-struct subtract_constant {
-  T value;
-  PROMOE_HOST_DEVICE T operator()(T v) const { return v - value; }
+/// Keys outside [0, num_keys) map to num_keys.
+struct clamp_key {
+  std::int32_t num_keys;
+  PROMOE_HOST_DEVICE std::int32_t operator()(std::int32_t k) const { return k >= 0 && k < num_keys ? k : num_keys; }
 };
 
 }  // namespace detail
@@ -121,13 +121,17 @@ struct backend_traits<backend::thrust> {
 #endif
   }
 
-  /// Stable grouping by key: one stable sort of (key, index) pairs, then a vectorised
-  /// lower_bound for the group offsets. Negative keys sort first and are dropped.
+  /// Stable grouping by key: keys outside [0, num_keys) become num_keys (so they sort last
+  /// and are dropped), one stable sort of (key, index) pairs, then a vectorised lower_bound
+  /// for the group offsets. (Mapping first also sidesteps host radix sorts that misorder
+  /// negative keys in some Thrust releases.)
   static void group_by_key(const std::int32_t* keys, index_t n, index_t num_keys, index_t* order,
                            index_t* offsets) {
     auto k = ::thrust::device_pointer_cast(keys);
-    ::thrust::device_vector<std::int32_t> sorted(k, k + n);
-    ::thrust::device_vector<index_t> idx(n);
+    ::thrust::device_vector<std::int32_t> sorted(static_cast<std::size_t>(n));
+    ::thrust::transform(::thrust::device, k, k + n, sorted.begin(),
+                        detail::clamp_key{static_cast<std::int32_t>(num_keys)});
+    ::thrust::device_vector<index_t> idx(static_cast<std::size_t>(n));
     ::thrust::sequence(::thrust::device, idx.begin(), idx.end());
     ::thrust::stable_sort_by_key(::thrust::device, sorted.begin(), sorted.end(), idx.begin());
     auto off = ::thrust::device_pointer_cast(offsets);
@@ -135,11 +139,8 @@ struct backend_traits<backend::thrust> {
                           ::thrust::counting_iterator<std::int32_t>(0),
                           ::thrust::counting_iterator<std::int32_t>(static_cast<std::int32_t>(num_keys + 1)),
                           off);
-    const index_t dropped = off[0];
-    const index_t kept = static_cast<index_t>(off[num_keys]) - dropped;
-    ::thrust::copy_n(::thrust::device, idx.begin() + dropped, kept, ::thrust::device_pointer_cast(order));
-    ::thrust::transform(::thrust::device, off, off + num_keys + 1, off,
-                        detail::subtract_constant<index_t>{dropped});
+    const index_t kept = off[num_keys];
+    ::thrust::copy_n(::thrust::device, idx.begin(), kept, ::thrust::device_pointer_cast(order));
   }
 
   template <class T>

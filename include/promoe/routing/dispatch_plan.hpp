@@ -85,12 +85,13 @@ namespace routing {
 /// xp[r, :] = x[token of row r, :]
 template <class T>
 struct gather_functor {
-  const T* x;              // [tokens, d]
+  const T* x;  // [tokens, d], leading dimension ldx
+  index_t ldx;
   const index_t* row_slot;  // [rows]
   index_t slots, d;
   T* xp;  // [rows, d]
   PROMOE_HOST_DEVICE void operator()(index_t r) const {
-    const T* src = x + (row_slot[r] / slots) * d;
+    const T* src = x + (row_slot[r] / slots) * ldx;
     T* dst = xp + r * d;
     for (index_t j = 0; j < d; ++j) dst[j] = src[j];
   }
@@ -103,10 +104,11 @@ struct combine_functor {
   const index_t* slot_row;  // [tokens * slots]
   const T* slot_gate;       // [tokens * slots]
   index_t slots, d;
-  T* y;  // [tokens, d]
+  T* y;  // [tokens, d], leading dimension ldy
+  index_t ldy;
   bool accumulate;
   PROMOE_HOST_DEVICE void operator()(index_t t) const {
-    T* out = y + t * d;
+    T* out = y + t * ldy;
     if (!accumulate)
       for (index_t j = 0; j < d; ++j) out[j] = T(0);
     for (index_t s = 0; s < slots; ++s) {
@@ -122,7 +124,8 @@ struct combine_functor {
 /// Backward of combine: dyp[r] = gate * dy[t]; dgate[slot] = <dy[t], yp[r]>.
 template <class T>
 struct combine_backward_functor {
-  const T* dy;             // [tokens, d]
+  const T* dy;  // [tokens, d], leading dimension lddy
+  index_t lddy;
   const T* yp;             // [rows, d]
   const index_t* row_slot;  // [rows]
   const T* slot_gate;       // [tokens * slots]
@@ -131,7 +134,7 @@ struct combine_backward_functor {
   T* dgate;  // [tokens * slots]; slots of no row are left as they are (zeroed by the caller)
   PROMOE_HOST_DEVICE void operator()(index_t r) const {
     const index_t s = row_slot[r];
-    const T* g = dy + (s / slots) * d;
+    const T* g = dy + (s / slots) * lddy;
     const T* v = yp + r * d;
     const T gate = slot_gate[s];
     T* out = dyp + r * d;
@@ -150,10 +153,11 @@ struct scatter_rows_functor {
   const T* dxp;            // [rows, d]
   const index_t* slot_row;  // [tokens * slots]
   index_t slots, d;
-  T* dx;  // [tokens, d]
+  T* dx;  // [tokens, d], leading dimension lddx
+  index_t lddx;
   bool accumulate;
   PROMOE_HOST_DEVICE void operator()(index_t t) const {
-    T* out = dx + t * d;
+    T* out = dx + t * lddx;
     if (!accumulate)
       for (index_t j = 0; j < d; ++j) out[j] = T(0);
     for (index_t s = 0; s < slots; ++s) {
@@ -165,18 +169,18 @@ struct scatter_rows_functor {
   }
 };
 
-/// Gathers token rows into expert order: xp [plan.rows(), d].
+/// Gathers token rows into expert order: xp [plan.rows(), d] (contiguous); x may be strided.
 template <class B, class T>
 void gather(const dispatch_plan<T, B>& plan, const_matrix_view<T> x, matrix_view<T> xp) {
   backend_traits<B>::parallel_for(
-      plan.rows(), gather_functor<T>{x.data, plan.row_slot.data(), plan.slots_per_token, x.cols, xp.data});
+      plan.rows(), gather_functor<T>{x.data, x.ld, plan.row_slot.data(), plan.slots_per_token, x.cols, xp.data});
 }
 
 /// Gate-weighted sum of expert rows back into token order.
 template <class B, class T>
 void combine(const dispatch_plan<T, B>& plan, const_matrix_view<T> yp, matrix_view<T> y, bool accumulate) {
   backend_traits<B>::parallel_for(plan.tokens, combine_functor<T>{yp.data, plan.slot_row.data(), plan.slot_gate.data(),
-                                                                 plan.slots_per_token, y.cols, y.data, accumulate});
+                                                                 plan.slots_per_token, y.cols, y.data, y.ld, accumulate});
 }
 
 /// Backward of combine; dgate must hold tokens*slots values and is overwritten.
@@ -185,7 +189,7 @@ void combine_backward(const dispatch_plan<T, B>& plan, const_matrix_view<T> dy, 
                       matrix_view<T> dyp, T* dgate) {
   backend_traits<B>::fill(dgate, plan.tokens * plan.slots_per_token, T(0));
   backend_traits<B>::parallel_for(plan.rows(),
-                                  combine_backward_functor<T>{dy.data, yp.data, plan.row_slot.data(),
+                                  combine_backward_functor<T>{dy.data, dy.ld, yp.data, plan.row_slot.data(),
                                                               plan.slot_gate.data(), plan.slots_per_token, dy.cols,
                                                               dyp.data, dgate});
 }
@@ -195,7 +199,7 @@ template <class B, class T>
 void scatter_rows(const dispatch_plan<T, B>& plan, const_matrix_view<T> dxp, matrix_view<T> dx, bool accumulate) {
   backend_traits<B>::parallel_for(plan.tokens, scatter_rows_functor<T>{dxp.data, plan.slot_row.data(),
                                                                       plan.slots_per_token, dx.cols, dx.data,
-                                                                      accumulate});
+                                                                      dx.ld, accumulate});
 }
 
 }  // namespace routing

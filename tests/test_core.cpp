@@ -1,0 +1,555 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file test_core.cpp
+/// \brief Core pieces: promoe::error and PROMOE_CHECK, the Philox generator (known answers,
+/// determinism, moments), tensor basics and every backend primitive (gemm, group_by_key,
+/// parallel_for, fill, copy, sum, first_non_finite) against naive float64 loops.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <set>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <vector>
+
+#include <catch2/catch.hpp>
+
+#include <promoe/backend/ops.hpp>
+#include <promoe/backend/tensor.hpp>
+#include <promoe/core/error.hpp>
+#include <promoe/core/rng.hpp>
+
+#include "backends.hpp"
+
+using promoe::index_t;
+using promoe::transpose;
+
+// ---------------------------------------------------------------------------
+// promoe::error and PROMOE_CHECK
+// ---------------------------------------------------------------------------
+
+TEST_CASE("promoe::error is a std::runtime_error", "[core][error]") {
+  STATIC_REQUIRE(std::is_base_of_v<std::runtime_error, promoe::error>);
+  try {
+    throw promoe::error("boom");
+  } catch (const std::runtime_error& e) {
+    CHECK(std::string(e.what()) == "boom");
+  }
+}
+
+TEST_CASE("PROMOE_CHECK streams its values into the message", "[core][error]") {
+  const index_t rows = 7, cols = 5;
+  const double ratio = 2.5;
+  REQUIRE_THROWS_AS([&] { PROMOE_CHECK(rows == cols, "x"); }(), promoe::error);
+  try {
+    PROMOE_CHECK(rows == cols, "f: x has shape [", rows, ", ", cols, "], ratio ", ratio, ", name ", std::string("gate"));
+    FAIL("PROMOE_CHECK did not throw");
+  } catch (const promoe::error& e) {
+    CHECK(std::string(e.what()) == "f: x has shape [7, 5], ratio 2.5, name gate");
+  }
+  // A true condition neither throws nor evaluates the message.
+  int evaluated = 0;
+  auto count = [&] { return ++evaluated; };
+  REQUIRE_NOTHROW([&] { PROMOE_CHECK(rows == 7, "never ", count()); }());
+  CHECK(evaluated == 0);
+  // A single statement (do/while(0)): usable as the body of an if without braces.
+  bool else_taken = false;
+  if (rows == 7)
+    PROMOE_CHECK(true, "unused");
+  else
+    else_taken = true;
+  CHECK_FALSE(else_taken);
+
+  CHECK(promoe::detail::shape_string(std::vector<index_t>{3, 64}) == "[3, 64]");
+  CHECK(promoe::detail::shape_string(std::vector<index_t>{}) == "[]");
+  REQUIRE_THROWS_WITH(promoe::fail("a", 1, 'b', 2u), "a1b2");
+}
+
+// ---------------------------------------------------------------------------
+// Philox4x32-10 and promoe::rng
+// ---------------------------------------------------------------------------
+
+namespace {
+
+/// Random123's counter words c[0..3] and key words k[0..1] in promoe's packing.
+promoe::philox4x32::block philox_words(std::uint32_t c0, std::uint32_t c1, std::uint32_t c2, std::uint32_t c3,
+                                       std::uint32_t k0, std::uint32_t k1) {
+  const std::uint64_t lo = std::uint64_t{c0} | (std::uint64_t{c1} << 32);
+  const std::uint64_t hi = std::uint64_t{c2} | (std::uint64_t{c3} << 32);
+  const std::uint64_t key = std::uint64_t{k0} | (std::uint64_t{k1} << 32);
+  return promoe::philox4x32::generate(key, hi, lo);
+}
+
+}  // namespace
+
+TEST_CASE("Philox4x32-10 matches the Random123 known-answer vectors", "[core][rng]") {
+  struct kat {
+    std::uint32_t ctr[4], key[2], out[4];
+  };
+  const kat vectors[] = {
+      {{0, 0, 0, 0}, {0, 0}, {0x6627e8d5u, 0xe169c58du, 0xbc57ac4cu, 0x9b00dbd8u}},
+      {{0xffffffffu, 0xffffffffu, 0xffffffffu, 0xffffffffu},
+       {0xffffffffu, 0xffffffffu},
+       {0x408f276du, 0x41c83b0eu, 0xa20bc7c6u, 0x6d5451fdu}},
+      {{0x243f6a88u, 0x85a308d3u, 0x13198a2eu, 0x03707344u},
+       {0xa4093822u, 0x299f31d0u},
+       {0xd16cfe09u, 0x94fdccebu, 0x5001e420u, 0x24126ea1u}},
+  };
+  for (const auto& v : vectors) {
+    const auto b = philox_words(v.ctr[0], v.ctr[1], v.ctr[2], v.ctr[3], v.key[0], v.key[1]);
+    INFO("counter " << std::hex << v.ctr[0] << ' ' << v.ctr[1] << ' ' << v.ctr[2] << ' ' << v.ctr[3] << " key "
+                    << v.key[0] << ' ' << v.key[1]);
+    for (int w = 0; w < 4; ++w) {
+      INFO("word " << w << ": got " << std::hex << b.v[w] << ", expected " << v.out[w]);
+      CHECK(b.v[w] == v.out[w]);
+    }
+  }
+}
+
+TEST_CASE("rng is a pure function of (seed, stream, index)", "[core][rng]") {
+  using promoe::rng;
+  for (std::uint64_t i : {std::uint64_t{0}, std::uint64_t{1}, std::uint64_t{12345}, ~std::uint64_t{0}}) {
+    CHECK(rng::uniform(7, 3, i) == rng::uniform(7, 3, i));
+    CHECK(rng::normal(7, 3, i) == rng::normal(7, 3, i));
+  }
+  // Members agree with the static functions under the object's seed.
+  rng gen(42);
+  CHECK(gen.seed() == 42);
+  CHECK(gen.uniform(5, 9) == rng::uniform(42, 5, 9));
+  CHECK(gen.normal(5, 9) == rng::normal(42, 5, 9));
+  // Streams are handed out in order and can be rewound.
+  CHECK(gen.streams_used() == 0);
+  CHECK(gen.next_stream() == 0);
+  CHECK(gen.next_stream() == 1);
+  CHECK(gen.streams_used() == 2);
+  gen.set_streams_used(10);
+  CHECK(gen.next_stream() == 10);
+
+  // Different streams, seeds and indices give different numbers (no collisions in 1000 draws).
+  int same_stream = 0, same_seed = 0;
+  std::set<double> seen;
+  for (std::uint64_t i = 0; i < 1000; ++i) {
+    same_stream += rng::uniform(1, 0, i) == rng::uniform(1, 1, i);
+    same_seed += rng::uniform(1, 0, i) == rng::uniform(2, 0, i);
+    seen.insert(rng::uniform(1, 0, i));
+  }
+  CHECK(same_stream == 0);
+  CHECK(same_seed == 0);
+  CHECK(seen.size() == 1000);
+}
+
+TEST_CASE("rng::uniform is uniform on [0, 1) and rng::normal standard normal", "[core][rng]") {
+  using promoe::rng;
+  const int n = 100000;
+  double su = 0, suu = 0, sn = 0, snn = 0;
+  double umin = 1, umax = 0;
+  int non_finite = 0;
+  for (int i = 0; i < n; ++i) {
+    const double u = rng::uniform(2024, 3, static_cast<std::uint64_t>(i));
+    umin = std::min(umin, u);
+    umax = std::max(umax, u);
+    su += u;
+    suu += (u - 0.5) * (u - 0.5);
+    const double z = rng::normal(2024, 4, static_cast<std::uint64_t>(i));
+    non_finite += !std::isfinite(z);
+    sn += z;
+    snn += z * z;
+  }
+  CHECK(umin >= 0.0);
+  CHECK(umax < 1.0);
+  CHECK(non_finite == 0);
+  // Five standard errors of each estimator.
+  const double mean_u = su / n, var_u = suu / n;
+  CHECK(std::abs(mean_u - 0.5) < 5 * std::sqrt(1.0 / 12.0 / n));
+  CHECK(std::abs(var_u - 1.0 / 12.0) < 5 * std::sqrt((1.0 / 80.0 - 1.0 / 144.0) / n));
+  const double mean_z = sn / n, var_z = snn / n;
+  CHECK(std::abs(mean_z) < 5 * std::sqrt(1.0 / n));
+  CHECK(std::abs(var_z - 1.0) < 5 * std::sqrt(2.0 / n));
+  // A few quantiles of the uniform: 10 bins with 10000 +- 5 sqrt(9000) each.
+  std::vector<int> bins(10, 0);
+  for (int i = 0; i < n; ++i) ++bins[static_cast<std::size_t>(rng::uniform(99, 0, static_cast<std::uint64_t>(i)) * 10)];
+  for (int b : bins) CHECK(std::abs(b - n / 10) < 5 * std::sqrt(n * 0.1 * 0.9));
+}
+
+TEST_CASE("random_vector helper is reproducible and scaled", "[core][rng]") {
+  const auto a = random_vector<double>(50, 3, 2.0), b = random_vector<double>(50, 3, 2.0);
+  const auto c = random_vector<double>(50, 4, 2.0);
+  CHECK(a == b);
+  CHECK(a != c);
+  for (double v : a) CHECK((v >= -2.0 && v < 2.0));
+}
+
+// ---------------------------------------------------------------------------
+// tensor basics
+// ---------------------------------------------------------------------------
+
+TEMPLATE_LIST_TEST_CASE("tensor: shape, host round trip, matrix view", "[core][tensor]", test_configs) {
+  using B = typename TestType::backend;
+  using T = typename TestType::scalar;
+  const auto values = random_vector<T>(12, 1);
+  auto t = to_device<B>(values, {3, 4});
+  CHECK(t.size() == 12);
+  CHECK(t.rank() == 2);
+  CHECK(t.dim(0) == 3);
+  CHECK(t.dim(1) == 4);
+  CHECK(t.shape() == std::vector<index_t>{3, 4});
+  CHECK(t.to_host() == values);
+  auto m = t.matrix();
+  CHECK(m.rows == 3);
+  CHECK(m.cols == 4);
+  CHECK(m.ld == 4);
+  CHECK(m.data == t.data());
+
+  // Rank 3: the trailing dimensions flatten into columns.
+  promoe::tensor<T, B> t3({2, 3, 5});
+  CHECK(t3.matrix().rows == 2);
+  CHECK(t3.matrix().cols == 15);
+
+  // fill, and resize that shrinks keeps values in place.
+  t.fill(T(2.5));
+  CHECK(t.to_host() == std::vector<T>(12, T(2.5)));
+  t.resize({2, 4});
+  CHECK(t.size() == 8);
+  CHECK(t.to_host() == std::vector<T>(8, T(2.5)));
+
+  // Empty tensors: no data pointer; a [0, D] tensor is a 0 x D matrix.
+  promoe::tensor<T, B> e({0, 6});
+  CHECK(e.size() == 0);
+  CHECK(e.data() == nullptr);
+  CHECK(e.to_host().empty());
+  CHECK(e.matrix().rows == 0);
+  CHECK(e.matrix().cols == 6);
+  CHECK(e.matrix().empty());
+}
+
+// ---------------------------------------------------------------------------
+// Backend primitives
+// ---------------------------------------------------------------------------
+
+namespace {
+
+/// Host image of a row-major matrix with padded leading dimension; padding holds `pad`.
+template <class T>
+std::vector<T> padded_matrix(index_t rows, index_t cols, index_t ld, std::uint64_t seed, T pad) {
+  std::vector<T> m(static_cast<std::size_t>(std::max<index_t>(rows * ld, 1)), pad);
+  const auto v = random_vector<T>(static_cast<std::size_t>(rows * cols), seed);
+  for (index_t r = 0; r < rows; ++r)
+    for (index_t c = 0; c < cols; ++c) m[r * ld + c] = v[r * cols + c];
+  return m;
+}
+
+/// Runs one gemm on backend B and compares it (and C's padding) with a float64 loop.
+template <class B, class T>
+void check_gemm(transpose ta, transpose tb, index_t m, index_t n, index_t k, double alpha, double beta,
+                std::uint64_t seed) {
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  const bool at = ta == transpose::yes, bt = tb == transpose::yes;
+  const index_t ar = at ? k : m, ac = at ? m : k, br = bt ? n : k, bc = bt ? k : n;
+  const index_t lda = ac + 2, ldb = bc + 3, ldc = n + 1;
+  // NaN in the padding of A and B: any read outside the matrix poisons C.
+  const auto ha = padded_matrix<T>(ar, ac, lda, seed, nan);
+  const auto hb = padded_matrix<T>(br, bc, ldb, seed + 1, nan);
+  const T c_pad = T(12345);
+  auto hc = padded_matrix<T>(m, n, ldc, seed + 2, c_pad);
+  if (beta == 0)  // beta = 0 must overwrite, even NaN
+    for (index_t i = 0; i < m; ++i)
+      for (index_t j = 0; j < n; ++j) hc[i * ldc + j] = nan;
+
+  auto da = to_device<B>(ha, {static_cast<index_t>(ha.size())});
+  auto db = to_device<B>(hb, {static_cast<index_t>(hb.size())});
+  auto dc = to_device<B>(hc, {static_cast<index_t>(hc.size())});
+  promoe::backend_traits<B>::gemm(ta, tb, m, n, k, T(alpha), da.data(), lda, db.data(), ldb, T(beta), dc.data(), ldc);
+  const auto got = dc.to_host();
+
+  double worst = 0;
+  bool pad_ok = true;
+  for (index_t i = 0; i < m; ++i) {
+    for (index_t j = 0; j < n; ++j) {
+      double acc = 0, mag = 0;
+      for (index_t p = 0; p < k; ++p) {
+        const double av = at ? ha[p * lda + i] : ha[i * lda + p];
+        const double bv = bt ? hb[j * ldb + p] : hb[p * ldb + j];
+        acc += av * bv;
+        mag += std::abs(av * bv);
+      }
+      const double c0 = beta == 0 ? 0.0 : static_cast<double>(hc[i * ldc + j]);
+      const double ref = alpha * acc + beta * c0;
+      const double scale = std::max(1.0, std::abs(alpha) * mag + std::abs(beta * c0));
+      const double g = static_cast<double>(got[i * ldc + j]);
+      const double err = std::isfinite(g) ? std::abs(g - ref) / scale : std::numeric_limits<double>::infinity();
+      worst = std::max(worst, err);
+    }
+    for (index_t j = n; j < ldc; ++j) pad_ok = pad_ok && got[i * ldc + j] == c_pad;
+  }
+  INFO(promoe::backend_traits<B>::name << " gemm ta=" << at << " tb=" << bt << " m=" << m << " n=" << n << " k=" << k
+                                       << " alpha=" << alpha << " beta=" << beta);
+  CHECK(worst <= promoe_test::tolerance<T>());
+  CHECK(pad_ok);
+}
+
+}  // namespace
+
+TEMPLATE_LIST_TEST_CASE("gemm: all transposes, padded leading dimensions, beta 0/1/other", "[core][backend][gemm]",
+                        test_configs) {
+  using B = typename TestType::backend;
+  using T = typename TestType::scalar;
+  const index_t sizes[] = {1, 3, 7, 19};
+  std::uint64_t seed = 100;
+  for (transpose ta : {transpose::no, transpose::yes})
+    for (transpose tb : {transpose::no, transpose::yes})
+      for (index_t m : sizes)
+        for (index_t n : sizes)
+          for (index_t k : sizes)
+            for (double beta : {0.0, 1.0, -0.75}) check_gemm<B, T>(ta, tb, m, n, k, 1.25, beta, seed++);
+}
+
+TEMPLATE_LIST_TEST_CASE("gemm: k = 0, alpha = 0 and empty outputs", "[core][backend][gemm]", test_configs) {
+  using B = typename TestType::backend;
+  using T = typename TestType::scalar;
+  for (transpose ta : {transpose::no, transpose::yes})
+    for (transpose tb : {transpose::no, transpose::yes}) {
+      // k = 0: C = beta C (beta = 0 zeroes, NaN included)
+      for (double beta : {0.0, 1.0, 0.5}) check_gemm<B, T>(ta, tb, 5, 3, 0, 1.0, beta, 7);
+      // alpha = 0 with a NaN-free A and B: C = beta C
+      for (double beta : {0.0, 2.0}) check_gemm<B, T>(ta, tb, 4, 6, 3, 0.0, beta, 8);
+    }
+  // m = 0 or n = 0: nothing is touched (null pointers allowed).
+  std::vector<T> c{T(1), T(2)};
+  auto dc = to_device<B>(c, {2});
+  const T* none = nullptr;
+  promoe::backend_traits<B>::gemm(transpose::no, transpose::no, 0, 2, 3, T(1), none, 3, none, 2, T(0),
+                                  static_cast<T*>(nullptr), 2);
+  promoe::backend_traits<B>::gemm(transpose::no, transpose::no, 1, 0, 3, T(1), none, 3, none, 2, T(0), dc.data(), 2);
+  CHECK(dc.to_host() == c);
+}
+
+TEMPLATE_LIST_TEST_CASE("ops::gemm on views checks shapes and honours views' leading dimensions",
+                        "[core][backend][gemm]", test_configs) {
+  using B = typename TestType::backend;
+  using T = typename TestType::scalar;
+  // A 3x4 block (columns 1..4) of a 3x6 matrix times a 4x2 matrix.
+  const auto ha = random_vector<T>(18, 11), hb = random_vector<T>(8, 12);
+  auto a = to_device<B>(ha, {3, 6});
+  auto b = to_device<B>(hb, {4, 2});
+  promoe::tensor<T, B> c({3, 2});
+  promoe::ops::gemm<B, T>(a.cmatrix().col_block(1, 4), transpose::no, b.cmatrix(), transpose::no, c.matrix());
+  const auto hc = c.to_host();
+  for (index_t i = 0; i < 3; ++i)
+    for (index_t j = 0; j < 2; ++j) {
+      double ref = 0;
+      for (index_t p = 0; p < 4; ++p) ref += double(ha[i * 6 + 1 + p]) * double(hb[p * 2 + j]);
+      CHECK(double(hc[i * 2 + j]) == Approx(ref).epsilon(promoe_test::tolerance<T>()).margin(promoe_test::tolerance<T>()));
+    }
+  auto mismatched = [&] { promoe::ops::gemm<B, T>(a.cmatrix(), transpose::no, b.cmatrix(), transpose::no, c.matrix()); };
+  REQUIRE_THROWS_AS(mismatched(), promoe::error);
+  REQUIRE_THROWS_WITH(mismatched(), Catch::Contains("3x6 times 4x2"));
+}
+
+namespace {
+
+struct grouping {
+  std::vector<index_t> order, offsets;
+};
+
+template <class B>
+grouping run_group_by_key(const std::vector<std::int32_t>& keys, index_t num_keys) {
+  const auto n = static_cast<index_t>(keys.size());
+  auto dk = to_device<B>(keys, {n});
+  promoe::tensor<index_t, B> order({n}), offsets({num_keys + 1});
+  order.fill(-7);
+  promoe::backend_traits<B>::group_by_key(dk.data(), n, num_keys, order.data(), offsets.data());
+  grouping g{order.to_host(), offsets.to_host()};
+  // Only the kept entries are specified.
+  g.order.resize(static_cast<std::size_t>(g.offsets.back()));
+  return g;
+}
+
+grouping naive_group(const std::vector<std::int32_t>& keys, index_t num_keys) {
+  grouping g;
+  g.offsets.push_back(0);
+  for (index_t e = 0; e < num_keys; ++e) {
+    for (std::size_t i = 0; i < keys.size(); ++i)
+      if (keys[i] == e) g.order.push_back(static_cast<index_t>(i));
+    g.offsets.push_back(static_cast<index_t>(g.order.size()));
+  }
+  return g;
+}
+
+/// Keys in [-2, num_keys): about one in six negative (dropped).
+std::vector<std::int32_t> random_keys(std::size_t n, index_t num_keys, std::uint64_t seed) {
+  std::vector<std::int32_t> keys(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    const double u = promoe::rng::uniform(seed, 1, i);
+    keys[i] = u < 1.0 / 6 ? -1 - static_cast<std::int32_t>(i % 2)
+                          : static_cast<std::int32_t>(promoe::rng::uniform(seed, 2, i) * static_cast<double>(num_keys));
+  }
+  return keys;
+}
+
+}  // namespace
+
+TEMPLATE_LIST_TEST_CASE("group_by_key: stable, negative keys dropped, offsets", "[core][backend][group]",
+                        test_backends) {
+  using B = TestType;
+  SECTION("hand-made keys") {
+    const std::vector<std::int32_t> keys{2, -1, 0, 2, 3, 0, -5, 2, 0};
+    const auto g = run_group_by_key<B>(keys, 5);  // key 1 and key 4 empty
+    CHECK(g.offsets == std::vector<index_t>{0, 3, 3, 6, 7, 7});
+    CHECK(g.order == std::vector<index_t>{2, 5, 8, 0, 3, 7, 4});
+  }
+  SECTION("all negative") {
+    const auto g = run_group_by_key<B>({-1, -1, -3}, 3);
+    CHECK(g.offsets == std::vector<index_t>{0, 0, 0, 0});
+    CHECK(g.order.empty());
+  }
+  SECTION("all one key") {
+    const auto g = run_group_by_key<B>({1, 1, 1, 1}, 3);
+    CHECK(g.offsets == std::vector<index_t>{0, 0, 4, 4});
+    CHECK(g.order == std::vector<index_t>{0, 1, 2, 3});
+  }
+  SECTION("random keys") {
+    for (std::size_t n : {std::size_t{0}, std::size_t{1}, std::size_t{733}})
+      for (index_t num_keys : {index_t{1}, index_t{5}, index_t{64}}) {
+        const auto keys = random_keys(n, num_keys, 31 + n + static_cast<std::size_t>(num_keys));
+        const auto got = run_group_by_key<B>(keys, num_keys);
+        const auto want = naive_group(keys, num_keys);
+        INFO("n = " << n << ", keys = " << num_keys);
+        CHECK(got.offsets == want.offsets);
+        CHECK(got.order == want.order);
+      }
+  }
+}
+
+#if defined(PROMOE_TEST_THRUST)
+TEST_CASE("group_by_key: cpu and thrust agree exactly", "[core][backend][group]") {
+  for (std::size_t n : {std::size_t{0}, std::size_t{1}, std::size_t{733}, std::size_t{5000}})
+    for (index_t num_keys : {index_t{1}, index_t{8}, index_t{200}}) {
+      const auto keys = random_keys(n, num_keys, 77 + n);
+      const auto c = run_group_by_key<promoe::backend::cpu>(keys, num_keys);
+      const auto t = run_group_by_key<promoe::backend::thrust>(keys, num_keys);
+      INFO("n = " << n << ", keys = " << num_keys);
+      CHECK(c.offsets == t.offsets);
+      CHECK(c.order == t.order);
+    }
+}
+#endif
+
+namespace {
+template <class T>
+struct write_index_functor {
+  T* out;
+  PROMOE_HOST_DEVICE void operator()(index_t i) const { out[i] += T(2 * i + 1); }
+};
+}  // namespace
+
+TEMPLATE_LIST_TEST_CASE("parallel_for visits every index once", "[core][backend]", test_configs) {
+  using B = typename TestType::backend;
+  using T = typename TestType::scalar;
+  for (index_t n : {index_t{0}, index_t{1}, index_t{33}, index_t{127}, index_t{128}, index_t{129}, index_t{1000}}) {
+    promoe::tensor<T, B> t({n});
+    t.fill(T(0));
+    promoe::backend_traits<B>::parallel_for(n, write_index_functor<T>{t.data()});
+    const auto h = t.to_host();
+    bool ok = true;
+    for (index_t i = 0; i < n; ++i) ok = ok && h[i] == T(2 * i + 1);
+    INFO("n = " << n);
+    CHECK(ok);
+  }
+}
+
+TEMPLATE_LIST_TEST_CASE("fill, copy, copy_to_host, copy_from_host", "[core][backend]", test_configs) {
+  using B = typename TestType::backend;
+  using T = typename TestType::scalar;
+  using traits = promoe::backend_traits<B>;
+  const auto values = random_vector<T>(257, 5);
+  promoe::tensor<T, B> a({257}), b({257});
+  traits::fill(a.data(), 257, T(-3));
+  CHECK(a.to_host() == std::vector<T>(257, T(-3)));
+  traits::fill(a.data(), 100, T(4));  // a prefix only
+  auto h = a.to_host();
+  CHECK(std::count(h.begin(), h.end(), T(4)) == 100);
+  CHECK(h[100] == T(-3));
+  traits::copy_from_host(values.data(), 257, a.data());
+  traits::copy(a.data(), 257, b.data());
+  std::vector<T> back(257);
+  traits::copy_to_host(b.data(), 257, back.data());
+  CHECK(back == values);
+  // n = 0 touches nothing, null pointers included.
+  traits::copy(static_cast<const T*>(nullptr), 0, static_cast<T*>(nullptr));
+  traits::copy_to_host(static_cast<const T*>(nullptr), 0, static_cast<T*>(nullptr));
+  traits::copy_from_host(static_cast<const T*>(nullptr), 0, static_cast<T*>(nullptr));
+  traits::fill(static_cast<T*>(nullptr), 0, T(1));
+  // ops::copy between views with different leading dimensions.
+  auto src = to_device<B>(values, {257});
+  promoe::tensor<T, B> wide({4, 9});
+  wide.fill(T(0));
+  promoe::ops::copy<B>(promoe::const_matrix_view<T>{src.data(), 4, 5, 7},
+                       promoe::matrix_view<T>{wide.data(), 4, 5, 9});
+  const auto w = wide.to_host();
+  bool ok = true;
+  for (index_t r = 0; r < 4; ++r)
+    for (index_t c = 0; c < 9; ++c) ok = ok && w[r * 9 + c] == (c < 5 ? values[r * 7 + c] : T(0));
+  CHECK(ok);
+}
+
+TEMPLATE_LIST_TEST_CASE("sum accumulates in double", "[core][backend]", test_configs) {
+  using B = typename TestType::backend;
+  using T = typename TestType::scalar;
+  using traits = promoe::backend_traits<B>;
+  for (std::size_t n : {std::size_t{0}, std::size_t{1}, std::size_t{1000}, std::size_t{100000}}) {
+    const auto values = random_vector<T>(n, 9 + n, 3.0);
+    auto t = to_device<B>(values, {static_cast<index_t>(n)});
+    double ref = 0, mag = 0;
+    for (T v : values) {
+      ref += static_cast<double>(v);
+      mag += std::abs(static_cast<double>(v));
+    }
+    const T got = traits::sum(t.data(), static_cast<index_t>(n));
+    STATIC_REQUIRE(std::is_same_v<decltype(traits::sum(t.data(), index_t{})), T>);
+    INFO("n = " << n);
+    // float: only the final rounding to float; double: rounding of a double sum.
+    CHECK(std::abs(static_cast<double>(got) - ref) <=
+          (sizeof(T) == 4 ? 1e-7 * std::abs(ref) + 1e-30 : 1e-14 * mag + 1e-300));
+  }
+  // Large cancellation that a float accumulator would lose: 1e8 + 1 + ... - 1e8.
+  std::vector<T> v(1001, T(1));
+  v.front() = T(1e8);
+  v.back() = T(-1e8);
+  auto t = to_device<B>(v, {1001});
+  CHECK(traits::sum(t.data(), 1001) == T(999));
+}
+
+TEMPLATE_LIST_TEST_CASE("first_non_finite finds the first NaN or Inf", "[core][backend]", test_configs) {
+  using B = typename TestType::backend;
+  using T = typename TestType::scalar;
+  using traits = promoe::backend_traits<B>;
+  const T nan = std::numeric_limits<T>::quiet_NaN(), inf = std::numeric_limits<T>::infinity();
+  auto first = [](std::vector<T> v) {
+    auto t = to_device<B>(v, {static_cast<index_t>(v.size())});
+    return traits::first_non_finite(t.data(), static_cast<index_t>(v.size()));
+  };
+  std::vector<T> clean = random_vector<T>(500, 3);
+  clean[10] = std::numeric_limits<T>::max();
+  clean[11] = std::numeric_limits<T>::denorm_min();
+  CHECK(first(clean) == -1);
+  CHECK(first({}) == -1);
+  auto v = clean;
+  v[377] = nan;
+  CHECK(first(v) == 377);
+  v[123] = inf;
+  CHECK(first(v) == 123);
+  v[0] = -inf;
+  CHECK(first(v) == 0);
+  v = clean;
+  v[499] = -nan;
+  CHECK(first(v) == 499);
+  CHECK(traits::first_non_finite(static_cast<const T*>(nullptr), 0) == -1);
+}
+
+TEMPLATE_LIST_TEST_CASE("Backend concept holds", "[core][backend]", test_backends) {
+  STATIC_REQUIRE(promoe::Backend<TestType>);
+  STATIC_REQUIRE(std::string_view(promoe::backend_traits<TestType>::name).size() > 0);
+}
