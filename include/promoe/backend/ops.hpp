@@ -25,24 +25,16 @@ void gemm(const_matrix_view<T> a, transpose ta, const_matrix_view<T> b, transpos
 }
 
 namespace detail {
+/// out[r, :] = row, or += row when accumulate.
 template <class T>
-struct set_rows_functor {
+struct broadcast_row_functor {
   T* out;  // [rows, cols], leading dimension ld
   index_t cols, ld;
   const T* row;  // [cols]
+  bool accumulate;
   PROMOE_HOST_DEVICE void operator()(index_t r) const {
     T* o = out + r * ld;
-    for (index_t j = 0; j < cols; ++j) o[j] = row[j];
-  }
-};
-template <class T>
-struct add_rows_functor {
-  T* out;  // [rows, cols], leading dimension ld
-  index_t cols, ld;
-  const T* row;  // [cols]
-  PROMOE_HOST_DEVICE void operator()(index_t r) const {
-    T* o = out + r * ld;
-    for (index_t j = 0; j < cols; ++j) o[j] += row[j];
+    for (index_t j = 0; j < cols; ++j) o[j] = accumulate ? o[j] + row[j] : row[j];
   }
 };
 template <class T>
@@ -60,10 +52,7 @@ struct copy_rows_functor {
 /// Every row of `out` := row (or += row when accumulate).
 template <class B, class T>
 void broadcast_row(matrix_view<T> out, const T* row, bool accumulate) {
-  if (accumulate)
-    backend_traits<B>::parallel_for(out.rows, detail::add_rows_functor<T>{out.data, out.cols, out.ld, row});
-  else
-    backend_traits<B>::parallel_for(out.rows, detail::set_rows_functor<T>{out.data, out.cols, out.ld, row});
+  backend_traits<B>::parallel_for(out.rows, detail::broadcast_row_functor<T>{out.data, out.cols, out.ld, row, accumulate});
 }
 
 /// out = in (same shape, any leading dimensions).

@@ -80,6 +80,13 @@ class tensor {
   index_t size_ = 0;
 };
 
+/// Pointer to slice i along the first dimension (expert i of a batched [E, ...] tensor);
+/// const or not, as the tensor is.
+template <class Tensor>
+auto slice(Tensor& t, index_t i) {
+  return t.data() + i * (t.size() / t.dim(0));
+}
+
 /// A parameter as a state-dict entry: its PyTorch name, shape and pointers to the value and
 /// gradient (backend memory). Batched expert weights give one entry per expert.
 template <class T>

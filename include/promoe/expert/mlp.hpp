@@ -11,6 +11,7 @@
 #include "../backend/tensor.hpp"
 #include "../core/rng.hpp"
 #include "activation.hpp"
+#include "bank_size.hpp"
 #include "naming.hpp"
 
 namespace promoe::expert {
@@ -52,12 +53,12 @@ struct mlp {
   static constexpr index_t scratch_width(index_t hidden) { return hidden; }
 
   template <class T, class B>
-  class bank {
+  class bank : public bank_size {
    public:
     using traits = backend_traits<B>;
 
     bank() = default;
-    bank(index_t count, index_t dim, index_t hidden) : count_(count), dim_(dim), hidden_(hidden) {
+    bank(index_t count, index_t dim, index_t hidden) : bank_size(count, dim, hidden) {
       for (auto* t : {&w1_, &gw1_}) t->resize({count, hidden, dim});
       for (auto* t : {&b1_, &gb1_}) t->resize({count, hidden});
       for (auto* t : {&w2_, &gw2_}) t->resize({count, dim, hidden});
@@ -65,10 +66,6 @@ struct mlp {
       for (auto* t : {&w1_, &b1_, &w2_, &b2_}) t->fill(T(0));
       zero_grad();
     }
-
-    index_t count() const { return count_; }
-    index_t dim() const { return dim_; }
-    index_t hidden() const { return hidden_; }
 
     /// Xavier-uniform weights, zero biases (DiT's initialisation of every Linear).
     void init(rng& gen) {
@@ -123,25 +120,19 @@ struct mlp {
     }
 
    private:
-    /// Expert e's part of a batched tensor (const or not, as the tensor is).
-    template <class Tensor>
-    static auto slice(Tensor& t, index_t e) {
-      return t.data() + e * (t.size() / t.dim(0));
-    }
-    auto w1(index_t e) const { return slice(w1_, e); }
-    auto b1(index_t e) const { return slice(b1_, e); }
-    auto w2(index_t e) const { return slice(w2_, e); }
-    auto b2(index_t e) const { return slice(b2_, e); }
-    auto w1(index_t e) { return slice(w1_, e); }
-    auto b1(index_t e) { return slice(b1_, e); }
-    auto w2(index_t e) { return slice(w2_, e); }
-    auto b2(index_t e) { return slice(b2_, e); }
-    auto gw1(index_t e) { return slice(gw1_, e); }
-    auto gb1(index_t e) { return slice(gb1_, e); }
-    auto gw2(index_t e) { return slice(gw2_, e); }
-    auto gb2(index_t e) { return slice(gb2_, e); }
+    auto w1(index_t e) const { return promoe::slice(w1_, e); }
+    auto b1(index_t e) const { return promoe::slice(b1_, e); }
+    auto w2(index_t e) const { return promoe::slice(w2_, e); }
+    auto b2(index_t e) const { return promoe::slice(b2_, e); }
+    auto w1(index_t e) { return promoe::slice(w1_, e); }
+    auto b1(index_t e) { return promoe::slice(b1_, e); }
+    auto w2(index_t e) { return promoe::slice(w2_, e); }
+    auto b2(index_t e) { return promoe::slice(b2_, e); }
+    auto gw1(index_t e) { return promoe::slice(gw1_, e); }
+    auto gb1(index_t e) { return promoe::slice(gb1_, e); }
+    auto gw2(index_t e) { return promoe::slice(gw2_, e); }
+    auto gb2(index_t e) { return promoe::slice(gb2_, e); }
 
-    index_t count_ = 0, dim_ = 0, hidden_ = 0;
     tensor<T, B> w1_, b1_, w2_, b2_;      // [E, I, D], [E, I], [E, D, I], [E, D]
     tensor<T, B> gw1_, gb1_, gw2_, gb2_;  // their gradients
   };

@@ -12,6 +12,7 @@
 #include "../backend/tensor.hpp"
 #include "../core/rng.hpp"
 #include "activation.hpp"
+#include "bank_size.hpp"
 #include "naming.hpp"
 
 namespace promoe::expert {
@@ -51,22 +52,18 @@ struct swiglu {
   static constexpr index_t scratch_width(index_t hidden) { return 2 * hidden; }
 
   template <class T, class B>
-  class bank {
+  class bank : public bank_size {
    public:
     using traits = backend_traits<B>;
 
     bank() = default;
-    bank(index_t count, index_t dim, index_t hidden) : count_(count), dim_(dim), hidden_(hidden) {
+    bank(index_t count, index_t dim, index_t hidden) : bank_size(count, dim, hidden) {
       for (auto* t : {&wgu_, &gwgu_}) t->resize({count, 2 * hidden, dim});
       for (auto* t : {&wd_, &gwd_}) t->resize({count, dim, hidden});
       wgu_.fill(T(0));
       wd_.fill(T(0));
       zero_grad();
     }
-
-    index_t count() const { return count_; }
-    index_t dim() const { return dim_; }
-    index_t hidden() const { return hidden_; }
 
     /// Xavier-uniform for each of gate_proj, up_proj, down_proj.
     void init(rng& gen) {
@@ -114,18 +111,13 @@ struct swiglu {
     }
 
    private:
-    template <class Tensor>
-    static auto slice(Tensor& t, index_t e) {
-      return t.data() + e * (t.size() / t.dim(0));
-    }
-    auto wgu(index_t e) const { return slice(wgu_, e); }
-    auto wd(index_t e) const { return slice(wd_, e); }
-    auto wgu(index_t e) { return slice(wgu_, e); }
-    auto wd(index_t e) { return slice(wd_, e); }
-    auto gwgu(index_t e) { return slice(gwgu_, e); }
-    auto gwd(index_t e) { return slice(gwd_, e); }
+    auto wgu(index_t e) const { return promoe::slice(wgu_, e); }
+    auto wd(index_t e) const { return promoe::slice(wd_, e); }
+    auto wgu(index_t e) { return promoe::slice(wgu_, e); }
+    auto wd(index_t e) { return promoe::slice(wd_, e); }
+    auto gwgu(index_t e) { return promoe::slice(gwgu_, e); }
+    auto gwd(index_t e) { return promoe::slice(gwd_, e); }
 
-    index_t count_ = 0, dim_ = 0, hidden_ = 0;
     tensor<T, B> wgu_, wd_;    // [E, 2I, D] (gate rows then up rows), [E, D, I]
     tensor<T, B> gwgu_, gwd_;  // their gradients
   };

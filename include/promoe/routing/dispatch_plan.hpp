@@ -97,12 +97,13 @@ struct gather_functor {
   }
 };
 
-/// y[t, :] (+)= sum over t's filled slots of gate * yp[row, :]
+/// y[t, :] (+)= sum over t's filled slots of gate * yp[row, :]. With no gates (null) it is
+/// the plain sum: the backward of gather.
 template <class T>
 struct combine_functor {
-  const T* yp;             // [rows, d] expert outputs in expert order
+  const T* yp;             // [rows, d] rows in expert order
   const index_t* slot_row;  // [tokens * slots]
-  const T* slot_gate;       // [tokens * slots]
+  const T* slot_gate;       // [tokens * slots], or null for gates of 1
   index_t slots, d;
   T* y;  // [tokens, d], leading dimension ldy
   index_t ldy;
@@ -114,7 +115,7 @@ struct combine_functor {
     for (index_t s = 0; s < slots; ++s) {
       const index_t r = slot_row[t * slots + s];
       if (r < 0) continue;
-      const T g = slot_gate[t * slots + s];
+      const T g = slot_gate ? slot_gate[t * slots + s] : T(1);
       const T* src = yp + r * d;
       for (index_t j = 0; j < d; ++j) out[j] += g * src[j];
     }
@@ -147,28 +148,6 @@ struct combine_backward_functor {
   }
 };
 
-/// Backward of gather: dx[t, :] (+)= sum over t's filled slots of dxp[row, :]
-template <class T>
-struct scatter_rows_functor {
-  const T* dxp;            // [rows, d]
-  const index_t* slot_row;  // [tokens * slots]
-  index_t slots, d;
-  T* dx;  // [tokens, d], leading dimension lddx
-  index_t lddx;
-  bool accumulate;
-  PROMOE_HOST_DEVICE void operator()(index_t t) const {
-    T* out = dx + t * lddx;
-    if (!accumulate)
-      for (index_t j = 0; j < d; ++j) out[j] = T(0);
-    for (index_t s = 0; s < slots; ++s) {
-      const index_t r = slot_row[t * slots + s];
-      if (r < 0) continue;
-      const T* src = dxp + r * d;
-      for (index_t j = 0; j < d; ++j) out[j] += src[j];
-    }
-  }
-};
-
 /// Gathers token rows into expert order: xp [plan.rows(), d] (contiguous); x may be strided.
 template <class B, class T>
 void gather(const dispatch_plan<T, B>& plan, const_matrix_view<T> x, matrix_view<T> xp) {
@@ -197,9 +176,9 @@ void combine_backward(const dispatch_plan<T, B>& plan, const_matrix_view<T> dy, 
 /// Backward of gather: sums each token's expert-row gradients into dx.
 template <class B, class T>
 void scatter_rows(const dispatch_plan<T, B>& plan, const_matrix_view<T> dxp, matrix_view<T> dx, bool accumulate) {
-  backend_traits<B>::parallel_for(plan.tokens, scatter_rows_functor<T>{dxp.data, plan.slot_row.data(),
-                                                                      plan.slots_per_token, dx.cols, dx.data,
-                                                                      dx.ld, accumulate});
+  backend_traits<B>::parallel_for(plan.tokens, combine_functor<T>{dxp.data, plan.slot_row.data(), nullptr,
+                                                                 plan.slots_per_token, dx.cols, dx.data, dx.ld,
+                                                                 accumulate});
 }
 
 }  // namespace routing
