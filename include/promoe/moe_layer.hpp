@@ -30,6 +30,7 @@
 #include "expert/naming.hpp"
 #include "loss/concept.hpp"
 #include "router/concept.hpp"
+#include "router/conditional.hpp"
 #include "routing/dispatch_plan.hpp"
 
 namespace promoe {
@@ -45,6 +46,11 @@ struct moe_layout {
   index_t shared_hidden = 0;          ///< I of shared experts; 0 means expert_hidden
 };
 
+namespace detail {
+template <class L>
+constexpr bool needs_prototypes_v = requires { requires L::needs_prototypes; };
+}  // namespace detail
+
 template <RouterPolicy Router, ExpertPolicy Expert, class Losses = losses<>, Backend B = backend::cpu,
           class T = float, ExpertPolicy SharedExpert = Expert>
 class moe_layer;
@@ -58,6 +64,16 @@ class moe_layer;
 template <RouterPolicy Router, ExpertPolicy Expert, LossPolicy... L, Backend B, class T, ExpertPolicy SharedExpert>
 class moe_layer<Router, Expert, losses<L...>, B, T, SharedExpert> {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "moe_layer: T must be float or double");
+  using router_impl_ = typename Router::template impl<T, B>;
+  static_assert(sizeof...(L) == 0 ||
+                    requires(router_impl_& r, const route_input<T>& in, typename router_impl_::cache& c,
+                             const dispatch_plan<T, B>& p) {
+                      { r.loss_view(in, c, p, true) } -> std::same_as<loss_input<T, B>>;
+                    },
+                "moe_layer: auxiliary losses need a router with loss_view(input, cache, plan, for_backward)");
+  static_assert(((!detail::needs_prototypes_v<L> || router::detail::has_prototypes_v<router_impl_>) && ...),
+                "moe_layer: loss::routing_contrastive needs a router with prototypes (router::prototypical or "
+                "router::promoe)");
 
  public:
   using scalar = T;
@@ -93,7 +109,7 @@ class moe_layer<Router, Expert, losses<L...>, B, T, SharedExpert> {
     std::tuple<typename L::template impl<T, B>::cache...> loss_caches;
     std::array<T, num_losses> loss_values{};
     // backward workspaces
-    tensor<T, B> dyp, dxp, scratch, dgate, loss_dlogits, ones;
+    tensor<T, B> dyp, dxp, scratch, dgate, ones;
   };
 
   moe_layer(const config& cfg, rng& gen) : cfg_(checked(cfg)), router_(cfg.router, router_layout_of(cfg), gen),
@@ -130,7 +146,19 @@ class moe_layer<Router, Expert, losses<L...>, B, T, SharedExpert> {
   /// the layer, so one layer object must not run infer() from two threads at once.
   void infer(const_matrix_view<T> x, std::span<const std::int64_t> labels, matrix_view<T> y) {
     const index_t spt = check_input("infer", x, labels, y);
-    if (x.rows > 0) run(route_input<T>{x, labels, spt, false}, workspace_, y, false);
+    if (x.rows == 0) return;
+    const route_input<T> in{x, labels, spt, false};
+    if constexpr (requires { router_.dense_expert(in); }) {
+      // Classifier-free guidance's null batch: one expert on every token, gate 1, no router.
+      if (const index_t e = router_.dense_expert(in); e >= 0) {
+        auto& c = workspace_;
+        c.act.resize({x.rows, Expert::cache_width(cfg_.expert_hidden)});
+        experts_.forward(e, x, c.act.matrix(), y, false);
+        run_shared(x, c, y);
+        return;
+      }
+    }
+    run(in, workspace_, y, false);
   }
 
   /// Backward: dx [tokens, D] (overwritten) from dy; parameter gradients accumulate. The
@@ -171,15 +199,11 @@ class moe_layer<Router, Expert, losses<L...>, B, T, SharedExpert> {
     for (index_t s = 0; s < shared_.count(); ++s)
       shared_.backward(s, c.x.cmatrix(), const_matrix_view<T>{c.shared_act.data() + s * n * scw, n, scw}, dy, dx, true,
                        matrix_view<T>{c.scratch.data(), n, ssw}, c.ones.data());
-    const T* extra = nullptr;
     if constexpr (num_losses > 0) {
-      const auto li = loss_input_of(c);
-      c.loss_dlogits.resize({n, li.experts});
-      c.loss_dlogits.fill(T(0));
+      const auto li = router_.loss_view(in, c.router, c.plan, true);
       backward_losses(li, c, std::index_sequence_for<L...>{});
-      extra = c.loss_dlogits.data();
     }
-    router_.backward(in, c.router, c.plan, c.dgate.data(), extra, dx);
+    router_.backward(in, c.router, c.plan, c.dgate.data(), dx);
   }
 
   /// Tensor conveniences: allocate and return the result.
@@ -282,23 +306,26 @@ class moe_layer<Router, Expert, losses<L...>, B, T, SharedExpert> {
     return spt;
   }
 
-  loss_input<T, B> loss_input_of(const cache& c) const {
-    static_assert(num_losses == 0 || requires { c.router.logits; },
-                  "moe_layer: auxiliary losses read router logits, and this router's cache has no `logits`");
-    return {c.router.logits.data(), c.tokens, cfg_.routed_experts, &c.plan};
-  }
   template <std::size_t... I>
   void forward_losses(const loss_input<T, B>& li, cache& c, std::index_sequence<I...>) const {
     ((c.loss_values[I] = std::get<I>(losses_).forward(li, std::get<I>(c.loss_caches))), ...);
   }
   template <std::size_t... I>
   void backward_losses(const loss_input<T, B>& li, cache& c, std::index_sequence<I...>) const {
-    (std::get<I>(losses_).backward(li, std::get<I>(c.loss_caches), c.loss_dlogits.data()), ...);
+    (std::get<I>(losses_).backward(li, std::get<I>(c.loss_caches)), ...);
+  }
+
+  /// y += shared experts of x.
+  void run_shared(const_matrix_view<T> x, cache& c, matrix_view<T> y) {
+    const index_t n = x.rows, scw = SharedExpert::cache_width(shared_hidden(cfg_));
+    c.shared_act.resize({shared_.count(), n, scw});
+    for (index_t s = 0; s < shared_.count(); ++s)
+      shared_.forward(s, x, matrix_view<T>{c.shared_act.data() + s * n * scw, n, scw}, y, true);
   }
 
   /// Steps 1-5 of the forward on x = in.x (tokens > 0).
   void run(const route_input<T>& in, cache& c, matrix_view<T> y, bool training) {
-    const index_t n = in.x.rows, d = cfg_.dim;
+    const index_t d = cfg_.dim;
     router_.forward(in, c.router, c.plan);
     const index_t rows = c.plan.rows();
     const index_t h = cfg_.expert_hidden, cw = Expert::cache_width(h);
@@ -313,12 +340,9 @@ class moe_layer<Router, Expert, losses<L...>, B, T, SharedExpert> {
                        c.yp.matrix().row_block(first, m), false);
     }
     routing::combine<B>(c.plan, c.yp.cmatrix(), y, false);
-    const index_t hs = shared_hidden(cfg_), scw = SharedExpert::cache_width(hs);
-    c.shared_act.resize({shared_.count(), n, scw});
-    for (index_t s = 0; s < shared_.count(); ++s)
-      shared_.forward(s, in.x, matrix_view<T>{c.shared_act.data() + s * n * scw, n, scw}, y, true);
+    run_shared(in.x, c, y);
     if constexpr (num_losses > 0) {
-      if (training) forward_losses(loss_input_of(c), c, std::index_sequence_for<L...>{});
+      if (training) forward_losses(router_.loss_view(in, c.router, c.plan, false), c, std::index_sequence_for<L...>{});
     }
   }
 

@@ -31,8 +31,8 @@ struct forwarding_router {
       inner_.forward(in, c, plan);
     }
     void backward(const promoe::route_input<T>& in, cache& c, const promoe::dispatch_plan<T, B>& plan,
-                  const T* dgate, const T* extra_dlogits, promoe::matrix_view<T> dx) {
-      inner_.backward(in, c, plan, dgate, extra_dlogits, dx);
+                  const T* dgate, promoe::matrix_view<T> dx) {
+      inner_.backward(in, c, plan, dgate, dx);
     }
     void zero_grad() { inner_.zero_grad(); }
     template <class F>

@@ -18,6 +18,10 @@ using pm::index_t;
 
 // ---- the library's policies --------------------------------------------------
 static_assert(pm::RouterPolicy<pm::router::top_k>);
+static_assert(pm::RouterPolicy<pm::router::prototypical>);
+static_assert(pm::RouterPolicy<pm::router::conditional<pm::router::top_k>>);
+static_assert(pm::RouterPolicy<pm::router::promoe>);
+static_assert(pm::LossPolicy<pm::loss::routing_contrastive>);
 static_assert(pm::ExpertPolicy<pm::expert::mlp<pm::act::gelu_tanh>>);
 static_assert(pm::ExpertPolicy<pm::expert::mlp<pm::act::gelu>>);
 static_assert(pm::ExpertPolicy<pm::expert::mlp<pm::act::silu>>);
@@ -56,8 +60,7 @@ struct router_wrong_constructor {
     impl() = default;
     index_t slots_per_token() const { return 1; }
     void forward(const pm::route_input<T>&, cache&, pm::dispatch_plan<T, B>&) {}
-    void backward(const pm::route_input<T>&, cache&, const pm::dispatch_plan<T, B>&, const T*, const T*,
-                  pm::matrix_view<T>) {}
+    void backward(const pm::route_input<T>&, cache&, const pm::dispatch_plan<T, B>&, const T*, pm::matrix_view<T>) {}
     void zero_grad() {}
     template <class F>
     void for_each_parameter(F&&) {}
@@ -108,7 +111,7 @@ struct loss_variant {
     struct cache {};
     impl(const options&, const pm::router_layout&) {}
     T forward(const pm::loss_input<T, B>&, cache&) const { return T(0); }
-    void backward(const pm::loss_input<T, B>&, const cache&, T*) const {}
+    void backward(const pm::loss_input<T, B>&, cache&) const {}
   };
 };
 template <bool WithWeight>

@@ -37,14 +37,16 @@ struct broadcast_row_functor {
     for (index_t j = 0; j < cols; ++j) o[j] = accumulate ? o[j] + row[j] : row[j];
   }
 };
+/// out[r, :] = in[r, :], or += when accumulate.
 template <class T>
 struct copy_rows_functor {
   const T* in;  // [rows, cols], leading dimension ldi
   index_t ldi;
   T* out;  // [rows, cols], leading dimension ldo
   index_t ldo, cols;
+  bool accumulate;
   PROMOE_HOST_DEVICE void operator()(index_t r) const {
-    for (index_t j = 0; j < cols; ++j) out[r * ldo + j] = in[r * ldi + j];
+    for (index_t j = 0; j < cols; ++j) out[r * ldo + j] = (accumulate ? out[r * ldo + j] : T(0)) + in[r * ldi + j];
   }
 };
 }  // namespace detail
@@ -62,7 +64,14 @@ void copy(const_matrix_view<T> in, matrix_view<T> out) {
   if (in.ld == in.cols && out.ld == out.cols)
     backend_traits<B>::copy(in.data, in.rows * in.cols, out.data);
   else
-    backend_traits<B>::parallel_for(in.rows, detail::copy_rows_functor<T>{in.data, in.ld, out.data, out.ld, in.cols});
+    backend_traits<B>::parallel_for(in.rows, detail::copy_rows_functor<T>{in.data, in.ld, out.data, out.ld, in.cols, false});
+}
+
+/// out += in (same shape, any leading dimensions).
+template <class B, class T>
+void add(const_matrix_view<T> in, matrix_view<T> out) {
+  PROMOE_CHECK(in.rows == out.rows && in.cols == out.cols, "ops::add: shapes differ");
+  backend_traits<B>::parallel_for(in.rows, detail::copy_rows_functor<T>{in.data, in.ld, out.data, out.ld, in.cols, true});
 }
 
 /// grad[cols] += column sums of d[rows, cols]: a GEMM against a ones vector, so BLAS does it.

@@ -5,6 +5,7 @@
 /// Loss policies:
 ///  - loss::load_balance : Switch load balancing, weight * E * sum_e f_e * P_e
 ///  - loss::z_loss       : router z-loss, weight * mean_t logsumexp(logits_t)^2
+///  - loss::routing_contrastive : ProMoE's RCL between prototypes and expert centroids
 #pragma once
 
 #include <vector>
@@ -13,23 +14,17 @@
 #include "../router/concept.hpp"
 #include "../router/score.hpp"
 #include "../routing/dispatch_plan.hpp"
+#include "../routing/loss_input.hpp"
 
 namespace promoe {
-
-/// What a loss reads: the router's logits over the routed experts and the dispatch plan.
-template <class T, class B>
-struct loss_input {
-  const T* logits = nullptr;  ///< [tokens, experts], backend memory
-  index_t tokens = 0;
-  index_t experts = 0;  ///< routed experts
-  const dispatch_plan<T, B>* plan = nullptr;
-};
 
 /// A loss policy L has L::options (with a `weight`) and L::impl<T, Backend> with:
 ///  - impl(const options&, const router_layout&)
 ///  - impl::cache
-///  - forward(loss_input, cache&) -> T                       (the weighted loss value)
-///  - backward(loss_input, const cache&, T* dlogits)         (adds d(value)/d(logits))
+///  - forward(loss_input, cache&) -> T    (the weighted loss value)
+///  - backward(loss_input, cache&)        (adds its gradients into the input's dlogits, dx,
+///                                          dprototypes)
+/// and optionally `static constexpr bool needs_prototypes = true` when it reads prototypes.
 template <class L>
 concept LossPolicy =
     requires { typename L::options; typename L::template impl<double, backend::cpu>; } &&
@@ -37,10 +32,10 @@ concept LossPolicy =
                             const router_layout&> &&
     requires(typename L::template impl<double, backend::cpu> l, const typename L::options& o,
              const router_layout& layout, const loss_input<double, backend::cpu>& in,
-             typename L::template impl<double, backend::cpu>::cache& c, double* d) {
+             typename L::template impl<double, backend::cpu>::cache& c) {
       o.weight;
       { l.forward(in, c) } -> std::convertible_to<double>;
-      l.backward(in, c, d);
+      l.backward(in, c);
       { L::name } -> std::convertible_to<const char*>;
     };
 

@@ -71,14 +71,14 @@ struct load_balance {
       return static_cast<T>(opt_.weight * static_cast<double>(e) * value);
     }
 
-    void backward(const loss_input<T, B>& in, cache& c, T* dlogits) const {
+    void backward(const loss_input<T, B>& in, cache& c) const {
       const index_t n = in.tokens, e = in.experts;
       if (n == 0) return;
       std::vector<T> g(static_cast<std::size_t>(e));
       for (index_t x = 0; x < e; ++x) g[x] = static_cast<T>(opt_.weight * e * c.f[x] / static_cast<double>(n));
       c.g.resize({e});
       traits::copy_from_host(g.data(), e, c.g.data());
-      traits::parallel_for(n, detail::load_balance_backward_functor<T>{c.probs.data(), c.g.data(), e, dlogits});
+      traits::parallel_for(n, detail::load_balance_backward_functor<T>{c.probs.data(), c.g.data(), e, in.dlogits});
     }
 
     const options& opts() const { return opt_; }

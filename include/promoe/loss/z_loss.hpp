@@ -72,11 +72,11 @@ struct z_loss {
       return static_cast<T>(opt_.weight * static_cast<double>(traits::sum(c.square.data(), n)) / static_cast<double>(n));
     }
 
-    void backward(const loss_input<T, B>& in, cache& c, T* dlogits) const {
+    void backward(const loss_input<T, B>& in, cache& c) const {
       const index_t n = in.tokens;
       if (n == 0) return;
       const T scale = static_cast<T>(2.0 * opt_.weight / static_cast<double>(n));
-      traits::parallel_for(n, detail::z_loss_backward_functor<T>{in.logits, c.lse.data(), in.experts, scale, dlogits});
+      traits::parallel_for(n, detail::z_loss_backward_functor<T>{in.logits, c.lse.data(), in.experts, scale, in.dlogits});
     }
 
     const options& opts() const { return opt_; }

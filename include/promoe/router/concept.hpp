@@ -3,8 +3,12 @@
 /// \brief The router contract: route_input, router_layout and the RouterPolicy concept.
 ///
 /// Router policies:
-///  - router::top_k : linear gate, softmax/sigmoid/identity scores, top-k per token
-///                    (the DiT-MoE baseline; renormalisation optional)
+///  - router::top_k          : linear gate, softmax/sigmoid/identity scores, top-k per token
+///                             (the DiT-MoE baseline; renormalisation optional)
+///  - router::prototypical   : cosine to learnable prototypes, then as top_k (ProMoE step 2)
+///  - router::conditional<R> : null-label samples to the unconditional expert(s), the rest
+///                             to R (ProMoE step 1)
+///  - router::promoe         : conditional<prototypical>
 #pragma once
 
 #include <cstdint>
@@ -43,10 +47,17 @@ struct route_input {
 ///  - slots_per_token()                                        (plan width)
 ///  - impl::cache                                              (what backward needs)
 ///  - forward(route_input, cache&, dispatch_plan&)             (fills slots, calls plan.group())
-///  - backward(route_input, cache&, plan, dgate, extra_dlogits, dx)
-///        dgate [tokens*slots]; extra_dlogits [tokens, experts] or null (auxiliary losses);
-///        dx is accumulated
+///  - backward(route_input, cache&, plan, dgate, dx)
+///        dgate [tokens*slots]; dx is accumulated; folds in the gradients the auxiliary
+///        losses left in the cache (see loss_view)
 ///  - zero_grad(), for_each_parameter(f) with f(named_parameter<T>)
+/// Optional members:
+///  - loss_view(route_input, cache&, plan, bool for_backward) -> loss_input<T, B>
+///        required to use auxiliary losses; with for_backward it prepares zeroed gradient
+///        buffers that its backward then folds in
+///  - static constexpr bool has_prototypes           (for loss::routing_contrastive)
+///  - dense_expert(route_input) -> index_t           (an expert every token goes to with
+///        gate 1, or -1: the inference fast path for classifier-free guidance's null batch)
 template <class R>
 concept RouterPolicy =
     requires { typename R::options; typename R::template impl<double, backend::cpu>; } &&
@@ -58,7 +69,7 @@ concept RouterPolicy =
              const double* dgate, matrix_view<double> dx) {
       { r.slots_per_token() } -> std::convertible_to<index_t>;
       r.forward(in, c, plan);
-      r.backward(in, c, plan, dgate, dgate, dx);
+      r.backward(in, c, plan, dgate, dx);
       r.zero_grad();
       r.for_each_parameter(detail::parameter_sink{});
     };

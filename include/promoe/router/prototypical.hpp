@@ -1,0 +1,167 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file prototypical.hpp
+/// \brief router::prototypical: learnable prototypes `cluster_centers` [E, D]; the logit of
+/// (token, expert) is scale * cos(token, prototype); then a score function and top-k per
+/// token as in every token-choice router. ProMoE's second routing step.
+#pragma once
+
+#include <cmath>
+
+#include "../backend/init.hpp"
+#include "../backend/ops.hpp"
+#include "../backend/tensor.hpp"
+#include "../core/rng.hpp"
+#include "../routing/dispatch_plan.hpp"
+#include "../routing/loss_input.hpp"
+#include "concept.hpp"
+#include "token_choice.hpp"
+
+namespace promoe::router {
+
+namespace detail {
+
+/// F.normalize's epsilon: rows are divided by max(|row|, eps).
+inline constexpr double normalize_eps = 1e-12;
+
+/// y[r] = x[r] / max(|x[r]|, eps); norm[r] = |x[r]|.
+template <class T>
+struct normalize_rows_functor {
+  const T* x;  // [rows, d], leading dimension ldx
+  index_t ldx, d;
+  T* y;     // [rows, d]
+  T* norm;  // [rows]
+  PROMOE_HOST_DEVICE void operator()(index_t r) const {
+    using std::sqrt;
+    const T* in = x + r * ldx;
+    T s = T(0);
+    for (index_t j = 0; j < d; ++j) s += in[j] * in[j];
+    const T n = sqrt(s);
+    norm[r] = n;
+    const T denom = n > T(normalize_eps) ? n : T(normalize_eps);
+    for (index_t j = 0; j < d; ++j) y[r * d + j] = in[j] / denom;
+  }
+};
+
+/// dx[r] += (dy - y (y . dy)) / |x| when |x| > eps, else dy / eps: the backward of normalize.
+template <class T>
+struct normalize_backward_functor {
+  const T* y;     // [rows, d] normalised rows
+  const T* norm;  // [rows]
+  const T* dy;    // [rows, d]
+  index_t d;
+  T* dx;  // [rows, d], leading dimension lddx
+  index_t lddx;
+  PROMOE_HOST_DEVICE void operator()(index_t r) const {
+    const T* yr = y + r * d;
+    const T* g = dy + r * d;
+    T* out = dx + r * lddx;
+    if (norm[r] > T(normalize_eps)) {
+      T dot = T(0);
+      for (index_t j = 0; j < d; ++j) dot += yr[j] * g[j];
+      for (index_t j = 0; j < d; ++j) out[j] += (g[j] - yr[j] * dot) / norm[r];
+    } else {
+      for (index_t j = 0; j < d; ++j) out[j] += g[j] / T(normalize_eps);
+    }
+  }
+};
+
+}  // namespace detail
+
+/// Cosine-to-prototype token-choice router.
+struct prototypical {
+  static constexpr const char* name = "prototypical";
+
+  struct options {
+    index_t k = 1;                       ///< experts per token, 1 <= k <= routed experts
+    score_fn score = score_fn::identity;  ///< ProMoE: the gate is the raw cosine
+    bool renormalize = false;            ///< divide the k chosen gates by their sum
+    double scale = 1.0;                  ///< logits = scale * cosine
+  };
+
+  template <class T, class B>
+  class impl {
+   public:
+    using traits = backend_traits<B>;
+    static constexpr bool has_prototypes = true;
+
+    struct cache {
+      tensor<T, B> xn, xnorm;  ///< [tokens, D] normalised tokens, [tokens] their norms
+      tensor<T, B> pn, pnorm;  ///< [E, D] normalised prototypes, [E] their norms
+      tensor<T, B> logits;     ///< [tokens, E] scale * cosine
+      tensor<T, B> scores;     ///< [tokens, E] activated
+      tensor<T, B> dlogits;    ///< [tokens, E]
+      tensor<T, B> dxn, dpn;   ///< [tokens, D], [E, D] backward workspaces
+      loss_gradients<T, B> loss;
+    };
+
+    impl(const options& o, const router_layout& layout, rng& gen) : opt_(o), layout_(layout) {
+      check_token_choice(o, layout.routed, name);
+      PROMOE_CHECK(std::isfinite(o.scale) && o.scale > 0, "router::prototypical: scale must be positive, got ", o.scale);
+      prototypes_.resize({layout.routed, layout.dim});
+      grad_.resize({layout.routed, layout.dim});
+      grad_.fill(T(0));
+      init::normal<B>(prototypes_.data(), prototypes_.size(), 0.02, gen);
+    }
+
+    const options& opts() const { return opt_; }
+    index_t slots_per_token() const { return opt_.k; }
+
+    void forward(const route_input<T>& in, cache& c, dispatch_plan<T, B>& plan) const {
+      const index_t n = in.x.rows, e = layout_.routed, d = layout_.dim;
+      for (auto* t : {&c.xn, &c.dxn}) t->resize({n, d});
+      c.xnorm.resize({n});
+      for (auto* t : {&c.pn, &c.dpn}) t->resize({e, d});
+      c.pnorm.resize({e});
+      traits::parallel_for(n, detail::normalize_rows_functor<T>{in.x.data, in.x.ld, d, c.xn.data(), c.xnorm.data()});
+      traits::parallel_for(e, detail::normalize_rows_functor<T>{prototypes_.data(), d, d, c.pn.data(), c.pnorm.data()});
+      c.logits.resize({n, e});
+      ops::gemm<B, T>(c.xn.cmatrix(), transpose::no, c.pn.cmatrix(), transpose::yes, c.logits.matrix(),
+                      static_cast<T>(opt_.scale));
+      token_choice_select(opt_, c.logits, c.scores, layout_.experts(), plan);
+    }
+
+    loss_input<T, B> loss_view(const route_input<T>& in, cache& c, const dispatch_plan<T, B>& plan,
+                               bool for_backward) {
+      loss_input<T, B> li{c.logits.data(), in.x.rows, layout_.routed, &plan, in.x, prototypes_.data()};
+      if (for_backward) {
+        c.loss.prepare(in.x.rows, layout_.routed, layout_.dim);
+        li.dlogits = c.loss.dlogits.data();
+        li.dx = c.loss.dx.data();
+        li.dprototypes = grad_.data();
+      }
+      return li;
+    }
+
+    void backward(const route_input<T>& in, cache& c, const dispatch_plan<T, B>& plan, const T* dgate,
+                  matrix_view<T> dx) {
+      const index_t n = in.x.rows, e = layout_.routed, d = layout_.dim;
+      token_choice_backward(opt_, c.scores, plan, dgate, c.loss.active ? c.loss.dlogits.data() : nullptr, c.dlogits);
+      const T scale = static_cast<T>(opt_.scale);
+      ops::gemm<B, T>(c.dlogits.cmatrix(), transpose::no, c.pn.cmatrix(), transpose::no, c.dxn.matrix(), scale);
+      ops::gemm<B, T>(c.dlogits.cmatrix(), transpose::yes, c.xn.cmatrix(), transpose::no, c.dpn.matrix(), scale);
+      traits::parallel_for(n, detail::normalize_backward_functor<T>{c.xn.data(), c.xnorm.data(), c.dxn.data(), d,
+                                                                    dx.data, dx.ld});
+      traits::parallel_for(e, detail::normalize_backward_functor<T>{c.pn.data(), c.pnorm.data(), c.dpn.data(), d,
+                                                                    grad_.data(), d});
+      if (c.loss.active) ops::add<B>(c.loss.dx.cmatrix(), dx);
+      c.loss.active = false;
+    }
+
+    void zero_grad() { grad_.fill(T(0)); }
+
+    template <class F>
+    void for_each_parameter(F&& f) {
+      f(named_parameter<T>{"cluster_centers", {layout_.routed, layout_.dim}, prototypes_.data(), grad_.data()});
+    }
+
+   private:
+    options opt_;
+    router_layout layout_;
+    tensor<T, B> prototypes_;  // [E, D]
+    tensor<T, B> grad_;
+  };
+};
+
+static_assert(RouterPolicy<prototypical>);
+
+}  // namespace promoe::router

@@ -1,0 +1,44 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file loss_input.hpp
+/// \brief What auxiliary losses read from a router (loss_input) and the buffers their
+/// gradients go to (loss_gradients), which the router folds into its own backward.
+#pragma once
+
+#include "../backend/tensor.hpp"
+#include "../core/view.hpp"
+#include "dispatch_plan.hpp"
+
+namespace promoe {
+
+/// The routed tokens as the losses see them: for a conditional router only the tokens of
+/// labelled samples. Gradient pointers are null in the forward.
+template <class T, class B>
+struct loss_input {
+  const T* logits = nullptr;  ///< [tokens, experts] routing logits
+  index_t tokens = 0;
+  index_t experts = 0;                        ///< routed experts
+  const dispatch_plan<T, B>* plan = nullptr;  ///< the routing of these tokens (expert ids 0..experts-1)
+  const_matrix_view<T> x;                     ///< [tokens, D] the routed tokens
+  const T* prototypes = nullptr;              ///< [experts, D] for prototype routers, else null
+  T* dlogits = nullptr;                       ///< [tokens, experts] losses add their gradients here
+  T* dx = nullptr;                            ///< [tokens, D]
+  T* dprototypes = nullptr;                   ///< [experts, D] (the router's parameter gradient)
+};
+
+/// The gradient buffers of loss_input, kept in a router's cache.
+template <class T, class B>
+struct loss_gradients {
+  tensor<T, B> dlogits;  ///< [tokens, experts]
+  tensor<T, B> dx;       ///< [tokens, D]
+  bool active = false;   ///< set by prepare(), cleared by the router's backward once folded in
+
+  void prepare(index_t tokens, index_t experts, index_t dim) {
+    dlogits.resize({tokens, experts});
+    dx.resize({tokens, dim});
+    dlogits.fill(T(0));
+    dx.fill(T(0));
+    active = true;
+  }
+};
+
+}  // namespace promoe
