@@ -21,10 +21,11 @@ struct objective {
   tensor<double, B>& x;
   const std::vector<double>& w;  // [tokens, D] host
   double alpha;
+  std::span<const std::int64_t> labels;
 
   double value() {
     typename Layer::cache c;
-    const auto y = layer.forward(x, {}, c).to_host();
+    const auto y = layer.forward(x, labels, c).to_host();
     double s = 0;
     for (std::size_t i = 0; i < y.size(); ++i) s += alpha * w[i] * y[i];
     return s + layer.aux_loss(c);
@@ -70,7 +71,8 @@ struct objective {
 
 /// Forward + backward once, then finite differences over every parameter and x.
 template <class Layer>
-void check_layer_gradients(Layer& layer, index_t n, std::uint64_t seed, double alpha) {
+void check_layer_gradients(Layer& layer, index_t n, std::uint64_t seed, double alpha,
+                           std::span<const std::int64_t> labels = {}) {
   using B = typename Layer::backend_type;
   const index_t d = layer.dim();
   auto x = to_device<B>(random_vector<double>(static_cast<std::size_t>(n * d), seed, 1.5), {n, d});
@@ -80,19 +82,19 @@ void check_layer_gradients(Layer& layer, index_t n, std::uint64_t seed, double a
   auto dy = to_device<B>(dy_host, {n, d});
 
   typename Layer::cache c;
-  layer.forward(x, {}, c);
+  layer.forward(x, labels, c);
   // Finite differences are meaningful only away from routing switches.
   const auto plan_before = c.plan.slot_expert.to_host();
   layer.zero_grad();
   const auto dx = layer.backward(dy, c);
 
-  objective<Layer> obj{layer, x, w, alpha};
+  objective<Layer> obj{layer, x, w, alpha, labels};
   for (auto& p : layer.parameters()) obj.check(p.name, p.value, p.grad, p.size());
   // dx is a tensor of the backend; the objective perturbs x in place.
   obj.check("x", x.data(), dx.data(), x.size());
 
   typename Layer::cache after;
-  layer.forward(x, {}, after);
+  layer.forward(x, labels, after);
   REQUIRE(after.plan.slot_expert.to_host() == plan_before);
 }
 
@@ -166,4 +168,76 @@ TEST_CASE("backward accumulates parameter gradients across calls", "[gradients]"
     for (index_t j = 0; j < p.size(); ++j) REQUIRE(p.grad[j] == Approx(2 * once[i][j]).epsilon(1e-12).margin(1e-300));
     ++i;
   }
+}
+
+TEMPLATE_LIST_TEST_CASE("finite differences: prototypical router, every score function, with the contrastive loss",
+                        "[gradients][promoe]", test_backends) {
+  using B = TestType;
+  using layer_t = moe_layer<router::prototypical, expert::mlp<act::gelu_tanh>, losses<loss::routing_contrastive>, B,
+                            double>;
+  for (score_fn fn : {score_fn::identity, score_fn::softmax, score_fn::sigmoid})
+    for (index_t k : {1, 2})
+      for (bool top_k_counting : {true, false})
+        for (double alpha : {1.0, 0.0}) {
+          CAPTURE(fn, k, top_k_counting, alpha);
+          typename layer_t::config cfg;
+          cfg.dim = 6;
+          cfg.routed_experts = 4;
+          cfg.expert_hidden = 7;
+          cfg.shared_experts = 1;
+          cfg.router = {k, fn, fn != score_fn::identity && k == 2, 1.5};
+          cfg.loss = {{0.7, 0.5, top_k_counting}};
+          layer_t layer(cfg, rng{21});
+          // prototypes of N(0, 0.02) would make every cosine tiny: spread them for a real test
+          for (auto& p : layer.parameters())
+            if (p.name == "cluster_centers") {
+              const auto v = random_vector<double>(static_cast<std::size_t>(p.size()), 77, 1.0);
+              backend_traits<B>::copy_from_host(v.data(), p.size(), p.value);
+            }
+          check_layer_gradients(layer, 12, 31, alpha);
+        }
+}
+
+TEMPLATE_LIST_TEST_CASE("finite differences: ProMoE block with null-label samples", "[gradients][promoe]",
+                        test_backends) {
+  using B = TestType;
+  using layer_t = promoe_layer<B, double>;
+  for (index_t k : {1, 2}) {
+    CAPTURE(k);
+    typename layer_t::config cfg;
+    cfg.dim = 5;
+    cfg.routed_experts = 4;
+    cfg.expert_hidden = 6;
+    cfg.unconditional_experts = 1;
+    cfg.shared_experts = 1;
+    cfg.router.inner = {k, score_fn::identity, false, 1.0};
+    cfg.router.null_label = 10;
+    cfg.loss = {{1.0, 0.07, true}};
+    layer_t layer(cfg, rng{4});
+    for (auto& p : layer.parameters())
+      if (p.name == "cluster_centers") {
+        const auto v = random_vector<double>(static_cast<std::size_t>(p.size()), 78, 1.0);
+        backend_traits<B>::copy_from_host(v.data(), p.size(), p.value);
+      }
+    const std::vector<std::int64_t> labels{3, 10, 0, 7, 10};  // 5 samples of 3 tokens
+    check_layer_gradients(layer, 15, 41, 1.0, labels);
+  }
+}
+
+TEMPLATE_LIST_TEST_CASE("finite differences: conditional over a linear top-k router with load balancing",
+                        "[gradients][conditional]", test_backends) {
+  using B = TestType;
+  using layer_t = moe_layer<router::conditional<router::top_k>, expert::mlp<act::gelu_tanh>,
+                            losses<loss::load_balance, loss::z_loss>, B, double>;
+  typename layer_t::config cfg;
+  cfg.dim = 5;
+  cfg.routed_experts = 3;
+  cfg.expert_hidden = 4;
+  cfg.unconditional_experts = 2;  // null-label tokens split evenly between two
+  cfg.router.inner = {2, score_fn::softmax, false};
+  cfg.router.null_label = 4;
+  cfg.loss = {{0.5}, {0.2}};
+  layer_t layer(cfg, rng{6});
+  const std::vector<std::int64_t> labels{4, 1, 2, 4};
+  check_layer_gradients(layer, 8, 51, 1.0, labels);
 }
