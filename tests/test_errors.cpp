@@ -147,15 +147,6 @@ TEMPLATE_LIST_TEST_CASE("errors: router and layer options", "[errors]", test_bac
     REQUIRE_THROWS_WITH(impl(promoe::router::top_k::options{}, promoe::router_layout{8, 0, 0}, gen),
                         Contains("at least one routed expert") && Contains("got 0"));
   }
-  SECTION("renormalize with identity scores") {
-    auto cfg = base_config<B>();
-    cfg.router.score = promoe::score_fn::identity;
-    cfg.router.renormalize = true;
-    REQUIRE_THROWS_AS(make(cfg), promoe::error);
-    REQUIRE_THROWS_WITH(make(cfg), Contains("renormalize") && Contains("identity"));
-    cfg.router.score = promoe::score_fn::sigmoid;
-    REQUIRE_NOTHROW(make(cfg));
-  }
   SECTION("zero or negative sizes") {
     auto cfg = base_config<B>();
     cfg.dim = 0;

@@ -8,6 +8,8 @@ PROMOE_DEB_PACKAGES=(
   libeigen3-dev catch2
   libopenblas-dev libopenblas0-pthread
   ccache zlib1g-dev
+  nlohmann-json3-dev
+  python3 python3-torch python3-numpy
 )
 
 promoe_missing_packages() {

@@ -2,7 +2,8 @@
 /// \file conditional.hpp
 /// \brief router::conditional<Inner>: ProMoE's first routing step. Every token of a sample
 /// whose label is the null label goes to the unconditional expert(s) with gate 1 (split
-/// evenly when there are several); the tokens of labelled samples go to `Inner`.
+/// evenly when there are several); the tokens of labelled samples go to `Inner`. With no
+/// unconditional expert in the layout, every token goes to `Inner` (labels still checked).
 #pragma once
 
 #include <algorithm>
@@ -123,8 +124,6 @@ struct conditional {
 
     impl(const options& o, const router_layout& layout, rng& gen)
         : opt_(o), layout_(layout), inner_(o.inner, router_layout{layout.dim, layout.routed, 0}, gen) {
-      PROMOE_CHECK(layout.unconditional >= 1, "router::conditional: needs at least one unconditional expert, got ",
-                   layout.unconditional);
       PROMOE_CHECK(o.null_label >= 0, "router::conditional: null_label must be set (>= 0), got ", o.null_label);
     }
 
@@ -206,7 +205,7 @@ struct conditional {
       c.labels.clear();
       c.host_compact.assign(static_cast<std::size_t>(n), -1);
       for (std::size_t b = 0; b < in.labels.size(); ++b) {
-        if (in.labels[b] == opt_.null_label) continue;
+        if (in.labels[b] == opt_.null_label && layout_.unconditional > 0) continue;
         c.labels.push_back(in.labels[b]);
         for (index_t t = static_cast<index_t>(b) * spt; t < static_cast<index_t>(b + 1) * spt; ++t) {
           c.host_compact[t] = static_cast<index_t>(c.host_rows.size());

@@ -18,7 +18,8 @@ namespace promoe::router {
 struct token_choice_options {
   index_t k = 1;                       ///< experts per token, 1 <= k <= routed experts
   score_fn score = score_fn::softmax;  ///< how logits become gate scores
-  bool renormalize = false;           ///< divide the k chosen gates by their sum
+  bool renormalize = false;           ///< divide the k chosen gates by their sum (with identity
+                                      ///< scores a sum near 0 blows up, as in the reference code)
 };
 
 namespace detail {
@@ -109,8 +110,6 @@ void check_token_choice(const Options& o, index_t routed, const char* router) {
   PROMOE_CHECK(routed >= 1, "router::", router, ": needs at least one routed expert, got ", routed);
   PROMOE_CHECK(o.k >= 1 && o.k <= routed, "router::", router, ": k = ", o.k,
                " is out of range; expected 1 <= k <= ", routed, " (the number of routed experts)");
-  PROMOE_CHECK(!(o.renormalize && o.score == score_fn::identity), "router::", router,
-               ": renormalize needs positive scores (softmax or sigmoid), not identity");
 }
 
 /// Scores logits [n, routed] into `scores`, fills the plan (ids among `plan_experts`) and groups it.
