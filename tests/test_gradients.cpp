@@ -241,3 +241,39 @@ TEMPLATE_LIST_TEST_CASE("finite differences: conditional over a linear top-k rou
   const std::vector<std::int64_t> labels{4, 1, 2, 4};
   check_layer_gradients(layer, 8, 51, 1.0, labels);
 }
+
+TEMPLATE_LIST_TEST_CASE("finite differences: expert choice per sample and per batch", "[gradients][expert_choice]",
+                        test_backends) {
+  using B = TestType;
+  using layer_t = moe_layer<router::expert_choice, expert::mlp<act::gelu_tanh>, losses<loss::z_loss>, B, double>;
+  for (bool per_sample : {true, false})
+    for (score_fn fn : {score_fn::softmax, score_fn::identity}) {
+      CAPTURE(per_sample, fn);
+      typename layer_t::config cfg;
+      cfg.dim = 5;
+      cfg.routed_experts = 3;
+      cfg.expert_hidden = 6;
+      cfg.shared_experts = 1;
+      cfg.router = {1.5, per_sample, fn};
+      cfg.loss = {{0.2}};
+      layer_t layer(cfg, rng{12});
+      const std::vector<std::int64_t> labels{0, 1, 2};  // 3 samples of 4 tokens
+      check_layer_gradients(layer, 12, 61, 1.0, labels);
+    }
+}
+
+TEMPLATE_LIST_TEST_CASE("finite differences: Expert Race", "[gradients][expert_race]", test_backends) {
+  using B = TestType;
+  using layer_t = moe_layer<router::expert_race, expert::mlp<act::gelu_tanh>, losses<loss::load_balance>, B, double>;
+  for (index_t k : {1, 2}) {
+    CAPTURE(k);
+    typename layer_t::config cfg;
+    cfg.dim = 5;
+    cfg.routed_experts = 4;
+    cfg.expert_hidden = 6;
+    cfg.router.k = k;
+    cfg.loss = {{0.3}};
+    layer_t layer(cfg, rng{13});
+    check_layer_gradients(layer, 10, 71, 1.0);
+  }
+}

@@ -250,6 +250,15 @@ class moe_layer<Router, Expert, losses<L...>, B, T, SharedExpert> {
     return out;
   }
 
+  /// State that is saved with the parameters but not trained (grad is null): e.g. the
+  /// inference thresholds of batch-level routers, named like parameters.
+  std::vector<named_parameter<T>> buffers() {
+    std::vector<named_parameter<T>> out;
+    if constexpr (requires { router_.for_each_buffer([](named_parameter<T>) {}); })
+      router_.for_each_buffer([&](named_parameter<T> p) { out.push_back(std::move(p)); });
+    return out;
+  }
+
   void zero_grad() {
     router_.zero_grad();
     experts_.zero_grad();

@@ -16,6 +16,8 @@
 #include "loss/z_loss.hpp"
 #include "moe_layer.hpp"
 #include "router/conditional.hpp"
+#include "router/expert_choice.hpp"
+#include "router/expert_race.hpp"
 #include "router/promoe.hpp"
 #include "router/prototypical.hpp"
 #include "router/top_k.hpp"

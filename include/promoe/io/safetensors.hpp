@@ -984,7 +984,10 @@ class safetensors_writer {
   /// The whole file.
   std::vector<std::byte> bytes() const {
     const std::string head = header_();
+    std::size_t total = head.size();
+    for (const auto& kv : tensors_) total += kv.second.data.size();
     std::vector<std::byte> out(head.size());
+    out.reserve(total);
     std::memcpy(out.data(), head.data(), head.size());
     for (const auto* kv : order_()) out.insert(out.end(), kv->second.data.begin(), kv->second.data.end());
     return out;

@@ -9,6 +9,10 @@
 ///  - router::conditional<R> : null-label samples to the unconditional expert(s), the rest
 ///                             to R (ProMoE step 1)
 ///  - router::promoe         : conditional<prototypical>
+///  - router::expert_choice  : experts take their top-C tokens, per sample or per batch
+///                             (EC-DiT; batch-level uses learned thresholds at inference)
+///  - router::expert_race    : one top-K over all (token, expert) logits of the batch
+///                             (Race-DiT; a learned threshold at inference)
 #pragma once
 
 #include <cstdint>
@@ -56,6 +60,7 @@ struct route_input {
 ///        required to use auxiliary losses; with for_backward it prepares zeroed gradient
 ///        buffers that its backward then folds in
 ///  - static constexpr bool has_prototypes           (for loss::routing_contrastive)
+///  - for_each_buffer(f)                              (saved, untrained state; grad null)
 ///  - dense_expert(route_input) -> index_t           (an expert every token goes to with
 ///        gate 1, or -1: the inference fast path for classifier-free guidance's null batch)
 template <class R>

@@ -187,6 +187,10 @@ struct conditional {
     void for_each_parameter(F&& f) {
       inner_.for_each_parameter(f);
     }
+    template <class F>
+    void for_each_buffer(F&& f) {
+      if constexpr (requires { inner_.for_each_buffer(f); }) inner_.for_each_buffer(f);
+    }
 
    private:
     void check_labels(const route_input<T>& in) const {

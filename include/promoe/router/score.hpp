@@ -61,5 +61,45 @@ PROMOE_HOST_DEVICE void apply(score_fn f, const T* z, T* p, index_t n) {
   }
 }
 
+/// dz[0..n) (+)= d(scores)/d(logits)^T ds for scores p = f(z): the backward of apply().
+template <class T>
+PROMOE_HOST_DEVICE void backward(score_fn f, const T* p, const T* ds, T* dz, index_t n, bool accumulate) {
+  T weighted = T(0);
+  if (f == score_fn::softmax)
+    for (index_t e = 0; e < n; ++e) weighted += ds[e] * p[e];
+  for (index_t e = 0; e < n; ++e) {
+    T g;
+    if (f == score_fn::softmax) g = p[e] * (ds[e] - weighted);
+    else if (f == score_fn::sigmoid) g = ds[e] * p[e] * (T(1) - p[e]);
+    else g = ds[e];
+    dz[e] = accumulate ? dz[e] + g : g;
+  }
+}
+
+/// Rows of scores: p[t, :] = f(z[t, :]).
+template <class T>
+struct apply_rows_functor {
+  score_fn fn;
+  const T* z;  // [rows, n]
+  T* p;        // [rows, n]
+  index_t n;
+  PROMOE_HOST_DEVICE void operator()(index_t t) const { apply(fn, z + t * n, p + t * n, n); }
+};
+
+/// Rows of the backward: dz[t, :] = extra[t, :] (or 0) + backward of f at p[t, :] for ds[t, :].
+template <class T>
+struct backward_rows_functor {
+  score_fn fn;
+  const T* p;      // [rows, n]
+  const T* ds;     // [rows, n]
+  const T* extra;  // [rows, n] or null
+  T* dz;           // [rows, n]
+  index_t n;
+  PROMOE_HOST_DEVICE void operator()(index_t t) const {
+    for (index_t e = 0; e < n; ++e) dz[t * n + e] = extra ? extra[t * n + e] : T(0);
+    backward(fn, p + t * n, ds + t * n, dz + t * n, n, true);
+  }
+};
+
 }  // namespace score
 }  // namespace promoe

@@ -14,6 +14,7 @@
 #include "../routing/dispatch_plan.hpp"
 #include "../routing/loss_input.hpp"
 #include "concept.hpp"
+#include "linear_gate.hpp"
 #include "token_choice.hpp"
 
 namespace promoe::router {
@@ -36,21 +37,14 @@ struct top_k {
       loss_gradients<T, B> loss;
     };
 
-    impl(const options& o, const router_layout& layout, rng& gen) : opt_(o), layout_(layout) {
-      check_token_choice(o, layout.routed, name);
-      weight_.resize({layout.routed, layout.dim});
-      grad_.resize({layout.routed, layout.dim});
-      grad_.fill(T(0));
-      // DiT-MoE's gate is a bare Parameter with kaiming_uniform(a = sqrt(5)): U(-1/sqrt(D), 1/sqrt(D)).
-      init::uniform<B>(weight_.data(), weight_.size(), 1.0 / std::sqrt(static_cast<double>(layout.dim)), gen);
-    }
+    impl(const options& o, const router_layout& layout, rng& gen)
+        : opt_(checked(o, layout)), layout_(layout), gate_(layout.routed, layout.dim, gen) {}
 
     const options& opts() const { return opt_; }
     index_t slots_per_token() const { return opt_.k; }
 
     void forward(const route_input<T>& in, cache& c, dispatch_plan<T, B>& plan) const {
-      c.logits.resize({in.x.rows, layout_.routed});
-      ops::gemm<B, T>(in.x, transpose::no, weight_.cmatrix(), transpose::yes, c.logits.matrix());
+      gate_.forward(in.x, c.logits);
       token_choice_select(opt_, c.logits, c.scores, layout_.experts(), plan);
     }
 
@@ -68,24 +62,27 @@ struct top_k {
     void backward(const route_input<T>& in, cache& c, const dispatch_plan<T, B>& plan, const T* dgate,
                   matrix_view<T> dx) {
       token_choice_backward(opt_, c.scores, plan, dgate, c.loss.active ? c.loss.dlogits.data() : nullptr, c.dlogits);
-      ops::gemm<B, T>(c.dlogits.cmatrix(), transpose::yes, in.x, transpose::no, grad_.matrix(), T(1), T(1));
-      ops::gemm<B, T>(c.dlogits.cmatrix(), transpose::no, weight_.cmatrix(), transpose::no, dx, T(1), T(1));
+      gate_.backward(in.x, c.dlogits, dx);
       if (c.loss.active) ops::add<B>(c.loss.dx.cmatrix(), dx);
       c.loss.active = false;
     }
 
-    void zero_grad() { grad_.fill(T(0)); }
+    void zero_grad() { gate_.zero_grad(); }
 
     template <class F>
     void for_each_parameter(F&& f) {
-      f(named_parameter<T>{"gate.weight", {layout_.routed, layout_.dim}, weight_.data(), grad_.data()});
+      gate_.for_each_parameter(f);
     }
 
    private:
+    static const options& checked(const options& o, const router_layout& layout) {
+      check_token_choice(o, layout.routed, name);
+      return o;
+    }
+
     options opt_;
     router_layout layout_;
-    tensor<T, B> weight_;  // [E, D]
-    tensor<T, B> grad_;
+    linear_gate<T, B> gate_;  // gate.weight [E, D]
   };
 };
 

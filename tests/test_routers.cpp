@@ -1,0 +1,177 @@
+// SPDX-License-Identifier: Apache-2.0
+// Expert choice and Expert Race: training routing against naive selections, threshold
+// updates, and the inference modes that make a sample's output independent of the batch.
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <numeric>
+
+#include <promoe/promoe.hpp>
+
+#include "backends.hpp"
+#include "layer_helpers.hpp"
+
+using namespace promoe;
+
+namespace {
+
+template <class Router, class B>
+using layer_of = moe_layer<Router, expert::mlp<act::gelu_tanh>, losses<>, B, double>;
+
+template <class Layer>
+typename Layer::config base_config(typename Layer::config cfg) {
+  cfg.dim = 8;
+  cfg.routed_experts = 4;
+  cfg.expert_hidden = 6;
+  cfg.shared_experts = 1;
+  return cfg;
+}
+
+/// (token, expert) pairs of a plan, as a [tokens, E] 0/1 mask.
+template <class Plan>
+std::vector<int> mask_of(const Plan& plan, index_t experts) {
+  const auto se = plan.slot_expert.to_host();
+  std::vector<int> m(static_cast<std::size_t>(plan.tokens * experts), 0);
+  for (index_t t = 0; t < plan.tokens; ++t)
+    for (index_t s = 0; s < plan.slots_per_token; ++s)
+      if (se[t * plan.slots_per_token + s] >= 0) m[t * experts + se[t * plan.slots_per_token + s]] = 1;
+  return m;
+}
+
+/// Rows [first, first + count) of a [tokens, D] host matrix.
+std::vector<double> rows(const std::vector<double>& m, index_t d, index_t first, index_t count) {
+  return {m.begin() + first * d, m.begin() + (first + count) * d};
+}
+
+}  // namespace
+
+TEMPLATE_LIST_TEST_CASE("expert choice per sample: each expert takes its top-C tokens of every sample", "[routers]",
+                        test_backends) {
+  using B = TestType;
+  using layer_t = layer_of<router::expert_choice, B>;
+  auto cfg = base_config<layer_t>(typename layer_t::config{});
+  cfg.router = {1.0, true, score_fn::softmax};
+  layer_t layer(cfg, rng{1});
+  const index_t samples = 3, l = 10, n = samples * l, d = 8, e = 4, capacity = l / e;  // C = floor(10 / 4) = 2
+  const auto xh = random_vector<double>(n * d, 5);
+  auto x = to_device<B>(xh, {n, d});
+  const std::vector<std::int64_t> labels{0, 1, 2};
+  typename layer_t::cache c;
+  layer.forward(x, labels, c);
+  const auto mask = mask_of(c.plan, e);
+  const auto scores = c.router.scores.to_host();
+  for (index_t s = 0; s < samples; ++s)
+    for (index_t x_ = 0; x_ < e; ++x_) {
+      std::vector<index_t> order(l);
+      std::iota(order.begin(), order.end(), s * l);
+      std::stable_sort(order.begin(), order.end(), [&](index_t a, index_t b) { return scores[a * e + x_] > scores[b * e + x_]; });
+      for (index_t i = 0; i < l; ++i) CHECK(mask[order[i] * e + x_] == (i < capacity ? 1 : 0));
+    }
+  // gates are the scores of the chosen pairs
+  const auto se = c.plan.slot_expert.to_host();
+  const auto sg = c.plan.slot_gate.to_host();
+  for (index_t i = 0; i < n * e; ++i)
+    if (se[i] >= 0) CHECK(sg[i] == scores[i]);
+}
+
+TEMPLATE_LIST_TEST_CASE("Expert Race routes the top K = k * tokens pairs of the batch and learns a threshold",
+                        "[routers]", test_backends) {
+  using B = TestType;
+  using layer_t = layer_of<router::expert_race, B>;
+  auto cfg = base_config<layer_t>(typename layer_t::config{});
+  cfg.router.k = 2;
+  layer_t layer(cfg, rng{2});
+  const index_t n = 25, d = 8, e = 4;
+  auto x = to_device<B>(random_vector<double>(n * d, 6), {n, d});
+  typename layer_t::cache c;
+  layer.forward(x, {}, c);
+  const auto mask = mask_of(c.plan, e);
+  const auto logits = c.router.logits.to_host();
+  std::vector<index_t> order(n * e);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](index_t a, index_t b) { return logits[a] > logits[b]; });
+  for (index_t i = 0; i < n * e; ++i) CHECK(mask[order[i]] == (i < 2 * n ? 1 : 0));
+  // tau = 0.95 * 1 + 0.05 * (K-th logit)
+  const auto buffers = layer.buffers();
+  REQUIRE(buffers.size() == 1);
+  CHECK(buffers[0].name == "threshold");
+  CHECK(buffers[0].grad == nullptr);
+  double tau;
+  backend_traits<B>::copy_to_host(buffers[0].value, 1, &tau);
+  CHECK(tau == Approx(0.95 + 0.05 * logits[order[2 * n - 1]]).epsilon(1e-14));
+}
+
+TEMPLATE_LIST_TEST_CASE("inference routing does not depend on the other samples of the batch", "[routers][inference]",
+                        test_backends) {
+  using B = TestType;
+  const index_t l = 6, d = 8;
+  // Samples a, b, c, f: the batch [a, b, c] and the batch [f, a] must give a the same output.
+  const auto xa = random_vector<double>(l * d, 11), xb = random_vector<double>(l * d, 12, 3.0),
+             xc = random_vector<double>(l * d, 13, 0.2), xf = random_vector<double>(l * d, 14, 5.0);
+  auto concat = [](std::initializer_list<const std::vector<double>*> parts) {
+    std::vector<double> out;
+    for (const auto* p : parts) out.insert(out.end(), p->begin(), p->end());
+    return out;
+  };
+  const auto batch1 = concat({&xa, &xb, &xc}), batch2 = concat({&xf, &xa});
+  const std::vector<std::int64_t> labels1{0, 1, 2}, labels2{3, 0};
+
+  auto check = [&](auto& layer) {
+    // Train-mode forwards move the thresholds towards their running estimates.
+    typename std::remove_reference_t<decltype(layer)>::cache c;
+    for (std::uint64_t step = 0; step < 20; ++step) {
+      auto xt = to_device<B>(random_vector<double>(4 * l * d, 100 + step), {4 * l, d});
+      layer.forward(xt, std::vector<std::int64_t>{0, 1, 2, 3}, c);
+    }
+    const auto y1 = layer.infer(to_device<B>(batch1, {3 * l, d}), labels1).to_host();
+    const auto y2 = layer.infer(to_device<B>(batch2, {2 * l, d}), labels2).to_host();
+    // equal up to GEMM rounding (BLAS blocks a 3-sample batch differently from a 2-sample one);
+    // a routing difference would show at the size of the outputs
+    CHECK(promoe_test::relative_error(rows(y1, d, 0, l), rows(y2, d, l, l)) <= 1e-13);
+    return std::make_pair(y1, y2);
+  };
+
+  SECTION("Expert Race") {
+    using layer_t = layer_of<router::expert_race, B>;
+    auto cfg = base_config<layer_t>(typename layer_t::config{});
+    cfg.router.k = 1;
+    layer_t layer(cfg, rng{3});
+    check(layer);
+  }
+  SECTION("expert choice over the batch") {
+    using layer_t = layer_of<router::expert_choice, B>;
+    auto cfg = base_config<layer_t>(typename layer_t::config{});
+    cfg.router = {1.0, false, score_fn::softmax};
+    layer_t layer(cfg, rng{4});
+    check(layer);
+    // training-mode routing over the batch differs between the two batches for sample a
+    typename layer_t::cache c1, c2;
+    const auto t1 = layer.forward(to_device<B>(batch1, {3 * l, d}), labels1, c1).to_host();
+    const auto t2 = layer.forward(to_device<B>(batch2, {2 * l, d}), labels2, c2).to_host();
+    CHECK(promoe_test::relative_error(rows(t1, d, 0, l), rows(t2, d, l, l)) > 1e-3);
+  }
+  SECTION("expert choice per sample") {
+    using layer_t = layer_of<router::expert_choice, B>;
+    auto cfg = base_config<layer_t>(typename layer_t::config{});
+    cfg.router = {1.0, true, score_fn::identity};
+    layer_t layer(cfg, rng{5});
+    check(layer);
+  }
+}
+
+TEST_CASE("expert choice and Expert Race reject bad options", "[routers][errors]") {
+  using ec = layer_of<router::expert_choice, backend::cpu>;
+  auto cfg = base_config<ec>(typename ec::config{});
+  cfg.router.capacity = 0;
+  REQUIRE_THROWS_WITH(ec(cfg, rng{1}), Catch::Contains("capacity must be positive"));
+  using race = layer_of<router::expert_race, backend::cpu>;
+  auto rcfg = base_config<race>(typename race::config{});
+  rcfg.router.k = 5;
+  REQUIRE_THROWS_WITH(race(rcfg, rng{1}), Catch::Contains("k = 5") && Catch::Contains("<= 4"));
+  // per-sample choice needs the tokens to split into the samples
+  auto pcfg = base_config<ec>(typename ec::config{});
+  ec layer(pcfg, rng{1});
+  typename ec::cache c;
+  auto x = to_device<backend::cpu>(random_vector<double>(7 * 8, 1), {7, 8});
+  REQUIRE_THROWS_WITH(layer.forward(x, std::vector<std::int64_t>{0, 1}, c), Catch::Contains("do not split"));
+}
