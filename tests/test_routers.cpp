@@ -175,3 +175,75 @@ TEST_CASE("expert choice and Expert Race reject bad options", "[routers][errors]
   auto x = to_device<backend::cpu>(random_vector<double>(7 * 8, 1), {7, 8});
   REQUIRE_THROWS_WITH(layer.forward(x, std::vector<std::int64_t>{0, 1}, c), Catch::Contains("do not split"));
 }
+
+TEMPLATE_LIST_TEST_CASE("ProMoE: null-label samples go to the unconditional expert; an all-null batch takes the dense path",
+                        "[routers][promoe]", test_backends) {
+  using B = TestType;
+  using layer_t = promoe_layer<B, double>;
+  typename layer_t::config cfg;
+  cfg.dim = 8;
+  cfg.routed_experts = 4;
+  cfg.expert_hidden = 6;
+  cfg.unconditional_experts = 1;
+  cfg.shared_experts = 1;
+  cfg.router.inner.k = 2;
+  cfg.router.null_label = 10;
+  layer_t layer(cfg, rng{7});
+  const index_t l = 5, d = 8;
+  auto x = to_device<B>(random_vector<double>(3 * l * d, 21), {3 * l, d});
+
+  typename layer_t::cache c;
+  layer.forward(x, std::vector<std::int64_t>{2, 10, 9}, c);
+  const auto se = c.plan.slot_expert.to_host();
+  const auto sg = c.plan.slot_gate.to_host();
+  for (index_t t = 0; t < 3 * l; ++t) {
+    const bool null_sample = t / l == 1;
+    CAPTURE(t);
+    if (null_sample) {
+      CHECK(se[t * 2] == 4);  // the unconditional expert, id = routed experts
+      CHECK(sg[t * 2] == 1.0);
+      CHECK(se[t * 2 + 1] == -1);
+    } else {
+      CHECK(se[t * 2] >= 0);
+      CHECK(se[t * 2] < 4);
+      CHECK(se[t * 2 + 1] < 4);
+    }
+  }
+  // the contrastive loss and the load of the routed experts see only labelled tokens
+  CHECK(c.plan.expert_rows(4) == l);
+
+  const std::vector<std::int64_t> nulls{10, 10, 10};
+  typename layer_t::cache c2;
+  const auto y_train = layer.forward(x, nulls, c2).to_host();
+  const auto y_fast = layer.infer(x, nulls).to_host();
+  CHECK(promoe_test::relative_error(y_fast, y_train) <= 1e-14);
+  CHECK(layer.aux_loss(c2) == 0.0);
+}
+
+TEST_CASE("conditional routing checks its labels", "[routers][errors]") {
+  using layer_t = promoe_layer<backend::cpu, double>;
+  typename layer_t::config cfg;
+  cfg.dim = 4;
+  cfg.routed_experts = 3;
+  cfg.expert_hidden = 5;
+  cfg.unconditional_experts = 1;
+  cfg.router.null_label = 10;
+  layer_t layer(cfg, rng{1});
+  auto x = to_device<backend::cpu>(random_vector<double>(6 * 4, 2), {6, 4});
+  typename layer_t::cache c;
+  REQUIRE_THROWS_WITH(layer.forward(x, std::vector<std::int64_t>{3, 11}, c),
+                      Catch::Contains("labels[1] = 11") && Catch::Contains("0..10"));
+  REQUIRE_THROWS_WITH(layer.forward(x, std::vector<std::int64_t>{-1, 2}, c), Catch::Contains("labels[0] = -1"));
+  REQUIRE_THROWS_WITH(layer.forward(x, {}, c), Catch::Contains("one label per sample"));
+  REQUIRE_THROWS_WITH(layer.infer(x, std::vector<std::int64_t>{10, 12}), Catch::Contains("labels[1] = 12"));
+  typename layer_t::config bad = cfg;
+  bad.router.null_label = -1;
+  REQUIRE_THROWS_WITH(layer_t(bad, rng{1}), Catch::Contains("null_label"));
+}
+
+TEST_CASE("the routing contrastive loss needs a router with prototypes", "[routers][static]") {
+  // A layer type pairing the contrastive loss with a linear router is refused at compile time
+  // (tests/static/bad_loss_pairing.cpp); here: the pairing with prototypes is accepted.
+  STATIC_REQUIRE(router::top_k::impl<double, backend::cpu>::has_prototypes == false);
+  STATIC_REQUIRE(router::promoe::impl<double, backend::cpu>::has_prototypes == true);
+}
