@@ -101,13 +101,7 @@ struct expert_choice {
 
     loss_input<T, B> loss_view(const route_input<T>& in, cache& c, const dispatch_plan<T, B>& plan,
                                bool for_backward) const {
-      loss_input<T, B> li{c.logits.data(), in.x.rows, layout_.routed, &plan, in.x};
-      if (for_backward) {
-        c.loss.prepare(in.x.rows, layout_.routed, layout_.dim);
-        li.dlogits = c.loss.dlogits.data();
-        li.dx = c.loss.dx.data();
-      }
-      return li;
+      return c.loss.view(c.logits.data(), in.x, layout_.routed, plan, for_backward);
     }
 
     /// dgate [tokens, E]: slot e of a token is expert e, so it is the score gradient.
@@ -115,11 +109,10 @@ struct expert_choice {
       const index_t n = in.x.rows, e = layout_.routed;
       c.dlogits.resize({n, e});
       traits::parallel_for(n, score::backward_rows_functor<T>{opt_.score, c.scores.data(), dgate,
-                                                              c.loss.active ? c.loss.dlogits.data() : nullptr,
+                                                              c.loss.extra_dlogits(),
                                                               c.dlogits.data(), e});
       gate_.backward(in.x, c.dlogits, dx);
-      if (c.loss.active) ops::add<B>(c.loss.dx.cmatrix(), dx);
-      c.loss.active = false;
+      c.loss.fold_into(dx);
     }
 
     void zero_grad() { gate_.zero_grad(); }

@@ -125,13 +125,7 @@ struct expert_race {
 
     loss_input<T, B> loss_view(const route_input<T>& in, cache& c, const dispatch_plan<T, B>& plan,
                                bool for_backward) const {
-      loss_input<T, B> li{c.logits.data(), in.x.rows, layout_.routed, &plan, in.x};
-      if (for_backward) {
-        c.loss.prepare(in.x.rows, layout_.routed, layout_.dim);
-        li.dlogits = c.loss.dlogits.data();
-        li.dx = c.loss.dx.data();
-      }
-      return li;
+      return c.loss.view(c.logits.data(), in.x, layout_.routed, plan, for_backward);
     }
 
     void backward(const route_input<T>& in, cache& c, const dispatch_plan<T, B>&, const T* dgate, matrix_view<T> dx) {
@@ -142,7 +136,7 @@ struct expert_race {
         c.ones.resize({n});
         c.ones.fill(T(1));
       }
-      traits::parallel_for(n * e, detail::race_dlogits_functor<T>{dgate, c.loss.active ? c.loss.dlogits.data() : nullptr,
+      traits::parallel_for(n * e, detail::race_dlogits_functor<T>{dgate, c.loss.extra_dlogits(),
                                                                   c.dlogits.data()});
       ops::gemm<B, T>(c.dlogits.cmatrix(), transpose::yes, c.a.cmatrix(), transpose::no, gw2_.matrix(), T(1), T(1));
       ops::accumulate_column_sums<B>(c.dlogits.cmatrix(), c.ones.data(), gb2_.data());
@@ -151,8 +145,7 @@ struct expert_race {
       ops::gemm<B, T>(c.dh.cmatrix(), transpose::yes, in.x, transpose::no, gw1_.matrix(), T(1), T(1));
       ops::accumulate_column_sums<B>(c.dh.cmatrix(), c.ones.data(), gb1_.data());
       ops::gemm<B, T>(c.dh.cmatrix(), transpose::no, w1_.cmatrix(), transpose::no, dx, T(1), T(1));
-      if (c.loss.active) ops::add<B>(c.loss.dx.cmatrix(), dx);
-      c.loss.active = false;
+      c.loss.fold_into(dx);
     }
 
     void zero_grad() {

@@ -122,20 +122,13 @@ struct prototypical {
 
     loss_input<T, B> loss_view(const route_input<T>& in, cache& c, const dispatch_plan<T, B>& plan,
                                bool for_backward) {
-      loss_input<T, B> li{c.logits.data(), in.x.rows, layout_.routed, &plan, in.x, prototypes_.data()};
-      if (for_backward) {
-        c.loss.prepare(in.x.rows, layout_.routed, layout_.dim);
-        li.dlogits = c.loss.dlogits.data();
-        li.dx = c.loss.dx.data();
-        li.dprototypes = grad_.data();
-      }
-      return li;
+      return c.loss.view(c.logits.data(), in.x, layout_.routed, plan, for_backward, prototypes_.data(), grad_.data());
     }
 
     void backward(const route_input<T>& in, cache& c, const dispatch_plan<T, B>& plan, const T* dgate,
                   matrix_view<T> dx) {
       const index_t n = in.x.rows, e = layout_.routed, d = layout_.dim;
-      token_choice_backward(opt_, c.scores, plan, dgate, c.loss.active ? c.loss.dlogits.data() : nullptr, c.dlogits);
+      token_choice_backward(opt_, c.scores, plan, dgate, c.loss.extra_dlogits(), c.dlogits);
       const T scale = static_cast<T>(opt_.scale);
       ops::gemm<B, T>(c.dlogits.cmatrix(), transpose::no, c.pn.cmatrix(), transpose::no, c.dxn.matrix(), scale);
       ops::gemm<B, T>(c.dlogits.cmatrix(), transpose::yes, c.xn.cmatrix(), transpose::no, c.dpn.matrix(), scale);
@@ -143,8 +136,7 @@ struct prototypical {
                                                                     dx.data, dx.ld});
       traits::parallel_for(e, detail::normalize_backward_functor<T>{c.pn.data(), c.pnorm.data(), c.dpn.data(), d,
                                                                     grad_.data(), d});
-      if (c.loss.active) ops::add<B>(c.loss.dx.cmatrix(), dx);
-      c.loss.active = false;
+      c.loss.fold_into(dx);
     }
 
     void zero_grad() { grad_.fill(T(0)); }

@@ -50,21 +50,14 @@ struct top_k {
 
     loss_input<T, B> loss_view(const route_input<T>& in, cache& c, const dispatch_plan<T, B>& plan,
                                bool for_backward) const {
-      loss_input<T, B> li{c.logits.data(), in.x.rows, layout_.routed, &plan, in.x};
-      if (for_backward) {
-        c.loss.prepare(in.x.rows, layout_.routed, layout_.dim);
-        li.dlogits = c.loss.dlogits.data();
-        li.dx = c.loss.dx.data();
-      }
-      return li;
+      return c.loss.view(c.logits.data(), in.x, layout_.routed, plan, for_backward);
     }
 
     void backward(const route_input<T>& in, cache& c, const dispatch_plan<T, B>& plan, const T* dgate,
                   matrix_view<T> dx) {
-      token_choice_backward(opt_, c.scores, plan, dgate, c.loss.active ? c.loss.dlogits.data() : nullptr, c.dlogits);
+      token_choice_backward(opt_, c.scores, plan, dgate, c.loss.extra_dlogits(), c.dlogits);
       gate_.backward(in.x, c.dlogits, dx);
-      if (c.loss.active) ops::add<B>(c.loss.dx.cmatrix(), dx);
-      c.loss.active = false;
+      c.loss.fold_into(dx);
     }
 
     void zero_grad() { gate_.zero_grad(); }

@@ -4,6 +4,7 @@
 /// gradients go to (loss_gradients), which the router folds into its own backward.
 #pragma once
 
+#include "../backend/ops.hpp"
 #include "../backend/tensor.hpp"
 #include "../core/view.hpp"
 #include "dispatch_plan.hpp"
@@ -38,6 +39,29 @@ struct loss_gradients {
     dlogits.fill(T(0));
     dx.fill(T(0));
     active = true;
+  }
+
+  /// The losses' logit gradients, or null when no loss ran backward.
+  const T* extra_dlogits() const { return active ? dlogits.data() : nullptr; }
+
+  /// Adds the losses' token gradients into dx and marks the buffers consumed.
+  void fold_into(matrix_view<T> token_grad) {
+    if (active) ops::add<B>(dx.cmatrix(), token_grad);
+    active = false;
+  }
+
+  /// The loss_input of a router over tokens x with `logits`; with for_backward the gradient
+  /// buffers are prepared and pointed to.
+  loss_input<T, B> view(const T* logits, const_matrix_view<T> x, index_t experts, const dispatch_plan<T, B>& plan,
+                        bool for_backward, const T* prototypes = nullptr, T* dprototypes = nullptr) {
+    loss_input<T, B> li{logits, x.rows, experts, &plan, x, prototypes};
+    if (for_backward) {
+      prepare(x.rows, experts, x.cols);
+      li.dlogits = dlogits.data();
+      li.dx = dx.data();
+      li.dprototypes = dprototypes;
+    }
+    return li;
   }
 };
 
