@@ -1,0 +1,235 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file modulation.hpp
+/// \brief adaLN pieces of a DiT block: modulate and the gated residual.
+///
+///  - nn::modulate<T, B>:       y = x * (1 + scale) + shift
+///  - nn::gated_residual<T, B>: out = x + gate * h
+///
+/// Token rows are [S * tokens, D] with the `tokens` rows of each sample contiguous; shift,
+/// scale and gate are per-sample rows [S, D], usually column blocks of the [S, 6D] adaLN
+/// output (views with ld = 6D: the leading dimension of every view is honoured).
+/// Backward ADDS into every gradient it writes; per-sample gradients are summed over the
+/// sample's tokens by one functor call per (sample, column), in token order (deterministic,
+/// no atomics). Any gradient view may be empty (null data) to skip it.
+#pragma once
+
+#include "../backend/backend.hpp"
+#include "../core/error.hpp"
+#include "../core/view.hpp"
+
+namespace promoe::nn {
+
+namespace detail {
+
+/// Element idx = row * d + col: y = x * (1 + scale[sample]) + shift[sample].
+template <class T>
+struct modulate_forward_functor {
+  const T* x;  // [S * tokens, d], leading dimension ldx
+  index_t ldx;
+  const T* shift;  // [S, d], leading dimension ldsh
+  index_t ldsh;
+  const T* scale;  // [S, d], leading dimension ldsc
+  index_t ldsc;
+  T* y;  // [S * tokens, d], leading dimension ldy
+  index_t ldy;
+  index_t d, tokens;
+
+  PROMOE_HOST_DEVICE void operator()(index_t idx) const {
+    const index_t r = idx / d, j = idx % d, s = r / tokens;
+    y[r * ldy + j] = x[r * ldx + j] * (T(1) + scale[s * ldsc + j]) + shift[s * ldsh + j];
+  }
+};
+
+/// (sample s, column j) = idx / d, idx % d: over the sample's tokens t,
+/// dx += dy * (1 + scale), dshift += sum_t dy, dscale += sum_t dy * x.
+template <class T>
+struct modulate_backward_functor {
+  const T* x;  // [S * tokens, d], leading dimension ldx (the forward's input)
+  index_t ldx;
+  const T* scale;  // [S, d], leading dimension ldsc
+  index_t ldsc;
+  const T* dy;  // [S * tokens, d], leading dimension lddy
+  index_t lddy;
+  T* dx;  // [S * tokens, d], leading dimension lddx; null: skipped
+  index_t lddx;
+  T* dshift;  // [S, d], leading dimension lddsh; null: skipped
+  index_t lddsh;
+  T* dscale;  // [S, d], leading dimension lddsc; null: skipped
+  index_t lddsc;
+  index_t d, tokens;
+
+  PROMOE_HOST_DEVICE void operator()(index_t idx) const {
+    const index_t s = idx / d, j = idx % d;
+    const T a = T(1) + scale[s * ldsc + j];
+    T gs = T(0), gc = T(0);
+    for (index_t t = 0; t < tokens; ++t) {
+      const index_t r = s * tokens + t;
+      const T g = dy[r * lddy + j];
+      gs += g;
+      gc += g * x[r * ldx + j];
+      if (dx) dx[r * lddx + j] += g * a;
+    }
+    if (dshift) dshift[s * lddsh + j] += gs;
+    if (dscale) dscale[s * lddsc + j] += gc;
+  }
+};
+
+/// Element idx = row * d + col: out = x + gate[sample] * h.
+template <class T>
+struct gated_residual_forward_functor {
+  const T* x;  // [S * tokens, d], leading dimension ldx
+  index_t ldx;
+  const T* gate;  // [S, d], leading dimension ldg
+  index_t ldg;
+  const T* h;  // [S * tokens, d], leading dimension ldh
+  index_t ldh;
+  T* out;  // [S * tokens, d], leading dimension ldo
+  index_t ldo;
+  index_t d, tokens;
+
+  PROMOE_HOST_DEVICE void operator()(index_t idx) const {
+    const index_t r = idx / d, j = idx % d, s = r / tokens;
+    out[r * ldo + j] = x[r * ldx + j] + gate[s * ldg + j] * h[r * ldh + j];
+  }
+};
+
+/// (sample s, column j) = idx / d, idx % d: over the sample's tokens t,
+/// dx += dout, dh += gate * dout, dgate += sum_t dout * h.
+template <class T>
+struct gated_residual_backward_functor {
+  const T* gate;  // [S, d], leading dimension ldg
+  index_t ldg;
+  const T* h;  // [S * tokens, d], leading dimension ldh (the forward's branch input)
+  index_t ldh;
+  const T* dout;  // [S * tokens, d], leading dimension lddo
+  index_t lddo;
+  T* dx;  // [S * tokens, d], leading dimension lddx; null: skipped
+  index_t lddx;
+  T* dh;  // [S * tokens, d], leading dimension lddh; null: skipped
+  index_t lddh;
+  T* dgate;  // [S, d], leading dimension lddg; null: skipped
+  index_t lddg;
+  index_t d, tokens;
+
+  PROMOE_HOST_DEVICE void operator()(index_t idx) const {
+    const index_t s = idx / d, j = idx % d;
+    const T g = gate[s * ldg + j];
+    T acc = T(0);
+    for (index_t t = 0; t < tokens; ++t) {
+      const index_t r = s * tokens + t;
+      const T go = dout[r * lddo + j];
+      acc += go * h[r * ldh + j];
+      if (dh) dh[r * lddh + j] += g * go;
+      if (dx) dx[r * lddx + j] += go;
+    }
+    if (dgate) dgate[s * lddg + j] += acc;
+  }
+};
+
+/// Shape checks shared by both pieces: token rows [S * tokens, d] and per-sample rows [S, d].
+template <class T>
+void check_token_rows(const char* fn, const char* what, const matrix_view<T>& m, index_t rows, index_t d) {
+  PROMOE_CHECK(m.rows == rows && m.cols == d, fn, ": ", what, " is [", m.rows, ", ", m.cols, "], expected [", rows,
+               ", ", d, "]");
+}
+template <class T>
+void check_optional_rows(const char* fn, const char* what, const matrix_view<T>& m, index_t rows, index_t d) {
+  if (m.data) check_token_rows(fn, what, m, rows, d);
+}
+
+}  // namespace detail
+
+/// DiT's `modulate(x, shift, scale) = x * (1 + scale) + shift` with per-sample shift/scale.
+template <class T, class B>
+struct modulate {
+  /// y [S*tokens, D] = x * (1 + scale[s]) + shift[s] for the rows of sample s; y may be x.
+  static void forward(const_matrix_view<T> x, const_matrix_view<T> shift, const_matrix_view<T> scale, index_t tokens,
+                      matrix_view<T> y) {
+    const char* fn = "nn::modulate::forward";
+    check_(fn, x, shift, tokens);
+    const index_t d = x.cols;
+    detail::check_token_rows(fn, "scale", scale, shift.rows, d);
+    detail::check_token_rows(fn, "y", y, x.rows, d);
+    if (x.rows == 0 || d == 0) return;
+    backend_traits<B>::parallel_for(x.rows * d, detail::modulate_forward_functor<T>{x.data, x.ld, shift.data, shift.ld,
+                                                                                    scale.data, scale.ld, y.data, y.ld,
+                                                                                    d, tokens});
+  }
+
+  /// Given dy = dL/dy and the forward's x and scale: dx += dy * (1 + scale),
+  /// dshift += sum over the sample's tokens of dy, dscale += sum of dy * x. Empty (null)
+  /// gradient views are skipped. dx must not alias dy.
+  static void backward(const_matrix_view<T> x, const_matrix_view<T> scale, index_t tokens, const_matrix_view<T> dy,
+                       matrix_view<T> dx, matrix_view<T> dshift, matrix_view<T> dscale) {
+    const char* fn = "nn::modulate::backward";
+    check_(fn, x, scale, tokens);
+    const index_t d = x.cols, samples = scale.rows;
+    detail::check_token_rows(fn, "dy", dy, x.rows, d);
+    detail::check_optional_rows(fn, "dx", dx, x.rows, d);
+    detail::check_optional_rows(fn, "dshift", dshift, samples, d);
+    detail::check_optional_rows(fn, "dscale", dscale, samples, d);
+    if (samples == 0 || d == 0) return;
+    backend_traits<B>::parallel_for(
+        samples * d, detail::modulate_backward_functor<T>{x.data, x.ld, scale.data, scale.ld, dy.data, dy.ld, dx.data,
+                                                          dx.ld, dshift.data, dshift.ld, dscale.data, dscale.ld, d,
+                                                          tokens});
+  }
+
+ private:
+  /// x [S * tokens, D] against a per-sample view `per_sample` [S, D].
+  static void check_(const char* fn, const_matrix_view<T> x, const_matrix_view<T> per_sample, index_t tokens) {
+    PROMOE_CHECK(tokens >= 1, fn, ": tokens per sample must be positive, got ", tokens);
+    PROMOE_CHECK(per_sample.cols == x.cols && x.rows == per_sample.rows * tokens, fn, ": x is [", x.rows, ", ",
+                 x.cols, "] but the per-sample rows are [", per_sample.rows, ", ", per_sample.cols, "] with ", tokens,
+                 " tokens per sample; expected x [", per_sample.rows * tokens, ", ", per_sample.cols, "]");
+  }
+};
+
+/// DiT's gated residual `x + gate * h` with a per-sample gate.
+template <class T, class B>
+struct gated_residual {
+  /// out [S*tokens, D] = x + gate[s] * h for the rows of sample s; out may be x or h.
+  static void forward(const_matrix_view<T> x, const_matrix_view<T> gate, const_matrix_view<T> h, index_t tokens,
+                      matrix_view<T> out) {
+    const char* fn = "nn::gated_residual::forward";
+    check_(fn, gate, h, tokens);
+    const index_t d = h.cols;
+    detail::check_token_rows(fn, "x", x, h.rows, d);
+    detail::check_token_rows(fn, "out", out, h.rows, d);
+    if (h.rows == 0 || d == 0) return;
+    backend_traits<B>::parallel_for(h.rows * d, detail::gated_residual_forward_functor<T>{x.data, x.ld, gate.data,
+                                                                                          gate.ld, h.data, h.ld,
+                                                                                          out.data, out.ld, d, tokens});
+  }
+
+  /// Given dout = dL/dout and the forward's gate and h: dx += dout, dh += gate * dout,
+  /// dgate += sum over the sample's tokens of dout * h. Empty (null) gradient views are
+  /// skipped: pass an empty dx when dout already is the residual stream's gradient buffer
+  /// (dx must not alias dout, nor dh).
+  static void backward(const_matrix_view<T> gate, const_matrix_view<T> h, index_t tokens, const_matrix_view<T> dout,
+                       matrix_view<T> dx, matrix_view<T> dh, matrix_view<T> dgate) {
+    const char* fn = "nn::gated_residual::backward";
+    check_(fn, gate, h, tokens);
+    const index_t d = h.cols, samples = gate.rows;
+    detail::check_token_rows(fn, "dout", dout, h.rows, d);
+    detail::check_optional_rows(fn, "dx", dx, h.rows, d);
+    detail::check_optional_rows(fn, "dh", dh, h.rows, d);
+    detail::check_optional_rows(fn, "dgate", dgate, samples, d);
+    if (samples == 0 || d == 0) return;
+    backend_traits<B>::parallel_for(
+        samples * d, detail::gated_residual_backward_functor<T>{gate.data, gate.ld, h.data, h.ld, dout.data, dout.ld,
+                                                                dx.data, dx.ld, dh.data, dh.ld, dgate.data, dgate.ld,
+                                                                d, tokens});
+  }
+
+ private:
+  /// h [S * tokens, D] against gate [S, D].
+  static void check_(const char* fn, const_matrix_view<T> gate, const_matrix_view<T> h, index_t tokens) {
+    PROMOE_CHECK(tokens >= 1, fn, ": tokens per sample must be positive, got ", tokens);
+    PROMOE_CHECK(gate.cols == h.cols && h.rows == gate.rows * tokens, fn, ": h is [", h.rows, ", ", h.cols,
+                 "] but gate is [", gate.rows, ", ", gate.cols, "] with ", tokens, " tokens per sample; expected h [",
+                 gate.rows * tokens, ", ", gate.cols, "]");
+  }
+};
+
+}  // namespace promoe::nn
