@@ -1,16 +1,21 @@
 // SPDX-License-Identifier: Apache-2.0
-// promoe-parity: runs one MoE block forward and backward from files, so a port from PyTorch
-// (or promoe itself) can be checked tensor by tensor.
+// promoe-parity: runs one MoE block (--model moe) or a whole DiT (--model dit) forward and
+// backward from files, so a port from PyTorch (or promoe itself) can be checked tensor by
+// tensor.
 //
-//   promoe-parity --model moe --config config.json --weights weights.safetensors
+//   promoe-parity --model moe|dit --config config.json --weights weights.safetensors
 //                 --inputs inputs.safetensors --out actual.safetensors
 //
-// config.json uses the reference model's hyper-parameter names (see README). Inputs:
-// hidden_states [B, S, D] (F32 or F64: the computation runs in that type), labels [B]
-// int64, grad_output [B, S, D]. Output: output, aux_loss (0-dim), grad.hidden_states and
-// grad.<name> for every parameter: the gradients of sum(output * grad_output) + aux_loss.
+// config.json uses the reference models' hyper-parameter names (see README). The inputs'
+// floating dtype (F32 or F64) decides the computation's. Outputs are the gradients of
+// sum(output * grad_output) + aux_loss:
+//   moe: inputs hidden_states [B, S, D], labels [B] int64, grad_output [B, S, D];
+//        outputs output, aux_loss (0-dim), grad.hidden_states, grad.<name>.
+//   dit: inputs x [B, C, H, W], t [B], y [B] int64 (used as given), grad_output;
+//        outputs output, aux_loss, grad.x, grad.<name> for every trainable parameter.
 #include <cstdio>
 #include <fstream>
+#include <optional>
 #include <iostream>
 #include <set>
 #include <string>
@@ -18,6 +23,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <promoe/dit/model.hpp>
 #include <promoe/io/safetensors.hpp>
 #include <promoe/promoe.hpp>
 
@@ -33,7 +39,7 @@ struct arguments {
 [[noreturn]] void usage(const std::string& problem) {
   std::fprintf(stderr,
                "promoe-parity: %s\n"
-               "usage: promoe-parity --model moe --config config.json --weights weights.safetensors\n"
+               "usage: promoe-parity --model moe|dit --config config.json --weights weights.safetensors\n"
                "                     --inputs inputs.safetensors --out actual.safetensors\n",
                problem.c_str());
   std::exit(2);
@@ -56,7 +62,7 @@ arguments parse_arguments(int argc, char** argv) {
   for (auto [value, name] : {std::pair{&a.model, "--model"}, {&a.config, "--config"}, {&a.weights, "--weights"},
                              {&a.inputs, "--inputs"}, {&a.out, "--out"}})
     if (value->empty()) usage(std::string("missing ") + name);
-  if (a.model != "moe") usage("unknown --model '" + a.model + "' (expected moe)");
+  if (a.model != "moe" && a.model != "dit") usage("unknown --model '" + a.model + "' (expected moe or dit)");
   return a;
 }
 
@@ -84,7 +90,7 @@ void read_key(const json& j, const char* key, V& out, const std::string& file) {
   }
 }
 
-moe_config read_config(const std::string& path) {
+json read_json(const std::string& path) {
   std::ifstream in(path);
   PROMOE_CHECK(in, path, ": cannot open");
   json j;
@@ -94,6 +100,16 @@ moe_config read_config(const std::string& path) {
     fail(path, ": not valid JSON (", e.what(), ")");
   }
   PROMOE_CHECK(j.is_object(), path, ": expected a JSON object");
+  return j;
+}
+
+void report_unknown_keys(const json& j, const std::set<std::string>& known, const std::string& where) {
+  for (const auto& [key, value] : j.items())
+    if (!known.count(key)) std::fprintf(stderr, "promoe-parity: %s: ignoring unknown key '%s'\n", where.c_str(), key.c_str());
+}
+
+/// The MoE block's keys from object j (the whole config.json, or its "moe" entry).
+moe_config read_moe_config(const json& j, const std::string& path) {
   moe_config c;
   const std::set<std::string> known{"hidden_size", "num_routed_experts", "top_k", "moe_intermediate_size",
                                     "shared_expert_intermediate_size", "use_shared_expert", "use_uncond_expert",
@@ -101,8 +117,7 @@ moe_config read_config(const std::string& path) {
                                     "routing_contrastive_lam", "routing_contrastive_temperature",
                                     "use_top_k_for_routing_contrastive", "load_balance_loss_coef", "training",
                                     "dtype"};  // dtype: informational, the inputs' dtype decides
-  for (const auto& [key, value] : j.items())
-    if (!known.count(key)) std::fprintf(stderr, "promoe-parity: %s: ignoring unknown key '%s'\n", path.c_str(), key.c_str());
+  report_unknown_keys(j, known, path);
   read_key(j, "hidden_size", c.hidden_size, path);
   read_key(j, "num_routed_experts", c.num_routed_experts, path);
   read_key(j, "top_k", c.top_k, path);
@@ -168,22 +183,46 @@ typename linear_block<T>::config make_config(const moe_config& m, linear_block<T
   return cfg;
 }
 
-template <class Layer>
-void run(const moe_config& m, const arguments& args, const io::safetensors_file& inputs) {
-  using T = typename Layer::scalar;
-  Layer layer(make_config(m, static_cast<Layer*>(nullptr)), rng{0});
-
-  // Weights: every parameter must be in the file with its shape; nothing else may be.
-  const auto weights = io::safetensors_file::read(args.weights);
+/// Copies every named tensor (parameters, then buffers) from the weights file; the file must
+/// hold exactly these names, with these shapes.
+template <class T>
+void load_weights(const std::vector<named_parameter<T>>& tensors, const std::string& path) {
+  const auto weights = io::safetensors_file::read(path);
   std::set<std::string> unused;
   for (const auto& name : weights.names()) unused.insert(name);
-  for (auto& p : layer.parameters()) {
+  for (const auto& p : tensors) {
     const auto v = weights.values<T>(p.name, p.shape);
     std::copy(v.begin(), v.end(), p.value);
     unused.erase(p.name);
   }
-  PROMOE_CHECK(unused.empty(), args.weights, ": holds ", unused.size(), " tensor(s) the model does not have, e.g. '",
+  PROMOE_CHECK(unused.empty(), path, ": holds ", unused.size(), " tensor(s) the model does not have, e.g. '",
                unused.empty() ? "" : *unused.begin(), "'");
+}
+
+template <class T>
+std::vector<named_parameter<T>> concat(std::vector<named_parameter<T>> a, const std::vector<named_parameter<T>>& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  return a;
+}
+
+/// output, aux_loss, grad.<input> and grad.<name> of every parameter, written atomically.
+template <class T>
+void write_results(const std::string& path, std::vector<std::int64_t> out_shape, const std::vector<T>& output, T aux,
+                   const std::string& input_name, std::vector<std::int64_t> input_shape, const std::vector<T>& dinput,
+                   const std::vector<named_parameter<T>>& params) {
+  io::safetensors_writer out;
+  out.add<T>("output", std::move(out_shape), output);
+  out.add<T>("aux_loss", {}, std::vector<T>{aux});
+  out.add<T>("grad." + input_name, std::move(input_shape), dinput);
+  for (const auto& p : params) out.add<T>("grad." + p.name, p.shape, std::vector<T>(p.grad, p.grad + p.size()));
+  out.write(path);
+}
+
+template <class Layer>
+void run_moe(const moe_config& m, const arguments& args, const io::safetensors_file& inputs) {
+  using T = typename Layer::scalar;
+  Layer layer(make_config(m, static_cast<Layer*>(nullptr)), rng{0});
+  load_weights(concat(layer.parameters(), layer.buffers()), args.weights);
 
   const auto& hs = inputs.at("hidden_states");
   PROMOE_CHECK(hs.shape.size() == 3 && hs.shape[2] == m.hidden_size, args.inputs, ": hidden_states has shape ",
@@ -204,30 +243,108 @@ void run(const moe_config& m, const arguments& args, const io::safetensors_file&
     for (std::size_t i = 0; i < yi.size(); ++i)
       PROMOE_CHECK(yi[i] == yt[i], "promoe-parity: inference output differs from the training forward at ", i);
   }
+  write_results<T>(args.out, {b, s, d}, y.to_host(), aux, "hidden_states", {b, s, d}, dx.to_host(),
+                   layer.parameters());
+}
 
-  io::safetensors_writer out;
-  out.add<T>("output", {b, s, d}, y.to_host());
-  out.add<T>("aux_loss", {}, std::vector<T>{aux});
-  out.add<T>("grad.hidden_states", {b, s, d}, dx.to_host());
-  for (auto& p : layer.parameters())
-    out.add<T>("grad." + p.name, p.shape, std::vector<T>(p.grad, p.grad + p.size()));
-  out.write(args.out);
+/// The DiT's keys; the MoE block's keys are in its "moe" entry (null: a dense DiT).
+struct dit_json {
+  dit::dit_config cfg;
+  bool training = true;
+  std::optional<moe_config> moe;
+};
+
+dit_json read_dit_config(const std::string& path) {
+  const json j = read_json(path);
+  report_unknown_keys(j, {"input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio",
+                          "num_classes", "learn_sigma", "interleave", "training", "moe", "dtype"},
+                      path);
+  dit_json d;
+  auto& c = d.cfg;
+  read_key(j, "input_size", c.input_size, path);
+  read_key(j, "patch_size", c.patch_size, path);
+  read_key(j, "in_channels", c.in_channels, path);
+  read_key(j, "hidden_size", c.hidden_size, path);
+  read_key(j, "depth", c.depth, path);
+  read_key(j, "num_heads", c.num_heads, path);
+  read_key(j, "mlp_ratio", c.mlp_ratio, path);
+  read_key(j, "num_classes", c.num_classes, path);
+  read_key(j, "learn_sigma", c.learn_sigma, path);
+  read_key(j, "interleave", c.interleave, path);
+  read_key(j, "training", d.training, path);
+  c.validate();
+  if (j.contains("moe") && !j.at("moe").is_null()) {
+    PROMOE_CHECK(j.at("moe").is_object(), path, ": key 'moe' must be an object or null");
+    moe_config m = read_moe_config(j.at("moe"), path + " (moe)");
+    m.hidden_size = c.hidden_size;
+    m.training = d.training;
+    if (m.null_label < 0) m.null_label = c.num_classes;
+    d.moe = m;
+  }
+  return d;
+}
+
+template <class Model>
+void run_dit(const dit_json& d, const arguments& args, const io::safetensors_file& inputs) {
+  using T = typename Model::scalar;
+  typename Model::moe_config mc{};
+  if constexpr (Model::has_moe) mc = make_config(*d.moe, static_cast<typename Model::moe_type*>(nullptr));
+  Model model(d.cfg, mc, rng{0});
+  load_weights(concat(model.parameters(), model.buffers()), args.weights);
+
+  const auto& cfg = d.cfg;
+  const auto& xe = inputs.at("x");
+  PROMOE_CHECK(xe.shape.size() == 4, args.inputs, ": x has shape ", detail::shape_string(xe.shape),
+               ", expected [B, C, H, W]");
+  const index_t b = xe.shape[0];
+  const std::vector<std::int64_t> image{b, cfg.in_channels, cfg.input_size, cfg.input_size};
+  const std::vector<std::int64_t> out_image{b, cfg.out_channels(), cfg.input_size, cfg.input_size};
+  const auto x = tensor<T, backend::cpu>::from_host(inputs.values<T>("x", image), {b, cfg.image_size()});
+  const auto t = inputs.values<T>("t", {b});
+  const auto y = inputs.values<std::int64_t>("y", {b});
+  const auto dout = tensor<T, backend::cpu>::from_host(inputs.values<T>("grad_output", out_image), {b, cfg.output_size()});
+
+  typename Model::cache cache;
+  model.zero_grad();
+  tensor<T, backend::cpu> out({b, cfg.output_size()}), dx({b, cfg.image_size()});
+  dx.fill(T(0));
+  model.forward(x.cmatrix(), t, y, out.matrix(), cache);
+  const T aux = model.aux_loss(cache);
+  model.backward(dout.cmatrix(), cache, dx.matrix());
+  write_results<T>(args.out, out_image, out.to_host(), aux, "x", image, dx.to_host(), model.parameters());
+}
+
+template <class T>
+void run_dit_typed(const dit_json& d, const arguments& args, const io::safetensors_file& inputs) {
+  if (!d.moe) return run_dit<dit::dit_model<backend::cpu, T>>(d, args, inputs);
+  if (d.moe->router == "prototypical") return run_dit<dit::dit_model<backend::cpu, T, promoe_block<T>>>(d, args, inputs);
+  run_dit<dit::dit_model<backend::cpu, T, linear_block<T>>>(d, args, inputs);
 }
 
 }  // namespace
 
+/// F32 or F64: the dtype of the named input decides the computation's.
+bool is_f64(const io::safetensors_file& inputs, const std::string& name, const std::string& path) {
+  const auto type = inputs.at(name).type;
+  PROMOE_CHECK(type == io::dtype::f64 || type == io::dtype::f32, path, ": ", name, " must be F32 or F64");
+  return type == io::dtype::f64;
+}
+
 int main(int argc, char** argv) {
   const arguments args = parse_arguments(argc, argv);
   try {
-    const moe_config m = read_config(args.config);
     const auto inputs = io::safetensors_file::read(args.inputs);
-    const bool f64 = inputs.at("hidden_states").type == io::dtype::f64;
-    PROMOE_CHECK(f64 || inputs.at("hidden_states").type == io::dtype::f32, args.inputs,
-                 ": hidden_states must be F32 or F64");
+    if (args.model == "dit") {
+      const dit_json d = read_dit_config(args.config);
+      is_f64(inputs, "x", args.inputs) ? run_dit_typed<double>(d, args, inputs) : run_dit_typed<float>(d, args, inputs);
+      return 0;
+    }
+    const moe_config m = read_moe_config(read_json(args.config), args.config);
+    const bool f64 = is_f64(inputs, "hidden_states", args.inputs);
     if (m.router == "prototypical") {
-      f64 ? run<promoe_block<double>>(m, args, inputs) : run<promoe_block<float>>(m, args, inputs);
+      f64 ? run_moe<promoe_block<double>>(m, args, inputs) : run_moe<promoe_block<float>>(m, args, inputs);
     } else {
-      f64 ? run<linear_block<double>>(m, args, inputs) : run<linear_block<float>>(m, args, inputs);
+      f64 ? run_moe<linear_block<double>>(m, args, inputs) : run_moe<linear_block<float>>(m, args, inputs);
     }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "promoe-parity: %s\n", e.what());

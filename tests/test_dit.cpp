@@ -1,0 +1,171 @@
+// SPDX-License-Identifier: Apache-2.0
+// The whole DiT: finite differences in float64 through every parameter tensor and the input
+// (dense and ProMoE MLPs), configuration errors, names.
+#include <catch2/catch.hpp>
+
+#include <promoe/dit/model.hpp>
+#include <promoe/promoe.hpp>
+
+#include "backends.hpp"
+#include "layer_helpers.hpp"
+
+using namespace promoe;
+
+namespace {
+
+dit::dit_config tiny_config() {
+  dit::dit_config cfg;
+  cfg.input_size = 4;
+  cfg.patch_size = 2;
+  cfg.in_channels = 2;
+  cfg.hidden_size = 8;
+  cfg.depth = 2;
+  cfg.num_heads = 2;
+  cfg.mlp_ratio = 2;
+  cfg.num_classes = 3;
+  cfg.learn_sigma = true;
+  return cfg;
+}
+
+/// Every parameter random (DiT zero-initialises adaLN and the final layer, which would hide
+/// most paths from a gradient check).
+template <class Model>
+void randomise(Model& model, std::uint64_t seed) {
+  using B = typename Model::backend_type;
+  std::uint64_t s = seed;
+  for (auto& p : model.parameters()) {
+    const double scale = p.name.find("cluster_centers") != std::string::npos ? 1.0 : 0.3;
+    const auto v = random_vector<double>(static_cast<std::size_t>(p.size()), s++, scale);
+    backend_traits<B>::copy_from_host(v.data(), p.size(), p.value);
+  }
+}
+
+/// Central differences of L = sum(w * out) + aux on up to `per_tensor` entries of every
+/// parameter tensor and of x; norm-wise relative error < 1e-6.
+template <class Model>
+void check_dit_gradients(Model& model, const std::vector<std::int64_t>& labels, std::uint64_t seed) {
+  using B = typename Model::backend_type;
+  using traits = backend_traits<B>;
+  const auto& cfg = model.cfg();
+  const index_t n = static_cast<index_t>(labels.size());
+  auto x = to_device<B>(random_vector<double>(static_cast<std::size_t>(n * cfg.image_size()), seed), {n, cfg.image_size()});
+  std::vector<double> t(static_cast<std::size_t>(n));
+  for (index_t i = 0; i < n; ++i) t[i] = 1000.0 * rng::uniform(seed, 9, i);
+  const auto w = random_vector<double>(static_cast<std::size_t>(n * cfg.output_size()), seed + 1);
+  tensor<double, B> out({n, cfg.output_size()});
+  auto objective = [&]() {
+    typename Model::cache c;
+    model.forward(x.cmatrix(), t, labels, out.matrix(), c);
+    const auto o = out.to_host();
+    double s = 0;
+    for (std::size_t i = 0; i < o.size(); ++i) s += w[i] * o[i];
+    return s + model.aux_loss(c);
+  };
+  typename Model::cache c;
+  model.forward(x.cmatrix(), t, labels, out.matrix(), c);
+  model.zero_grad();
+  tensor<double, B> dx({n, cfg.image_size()});
+  dx.fill(0.0);
+  model.backward(to_device<B>(w, {n, cfg.output_size()}).cmatrix(), c, dx.matrix());
+
+  auto check = [&](const std::string& name, double* value, const double* grad, index_t size) {
+    const index_t count = std::min<index_t>(size, 24);
+    double diff = 0, scale = 0;
+    for (index_t q = 0; q < count; ++q) {
+      const index_t i = (q * 7919) % size;  // spread over the tensor
+      double v, g;
+      traits::copy_to_host(value + i, 1, &v);
+      traits::copy_to_host(grad + i, 1, &g);
+      const double eps = 1e-6;
+      double u = v + eps;
+      traits::copy_from_host(&u, 1, value + i);
+      const double up = objective();
+      u = v - eps;
+      traits::copy_from_host(&u, 1, value + i);
+      const double down = objective();
+      traits::copy_from_host(&v, 1, value + i);
+      const double numeric = (up - down) / (2 * eps);
+      diff += (numeric - g) * (numeric - g);
+      scale += numeric * numeric;
+    }
+    INFO(name << ": |analytic - numeric| = " << std::sqrt(diff) << ", |numeric| = " << std::sqrt(scale));
+    if (scale < 1e-18) CHECK(std::sqrt(diff) < 1e-9);
+    else CHECK(std::sqrt(diff / scale) < 1e-6);
+  };
+  for (auto& p : model.parameters()) check(p.name, p.value, p.grad, p.size());
+  check("x", x.data(), dx.data(), x.size());
+}
+
+}  // namespace
+
+TEMPLATE_LIST_TEST_CASE("finite differences through a dense DiT", "[dit][gradients]", test_backends) {
+  using B = TestType;
+  dit::dit_model<B, double> model(tiny_config(), {}, rng{1});
+  randomise(model, 100);
+  check_dit_gradients(model, {0, 2, 3}, 7);
+}
+
+TEMPLATE_LIST_TEST_CASE("finite differences through a 2-block DiT with a ProMoE MLP", "[dit][gradients][promoe]",
+                        test_backends) {
+  using B = TestType;
+  using moe_t = promoe_layer<B, double>;
+  typename moe_t::config mc;
+  mc.routed_experts = 3;
+  mc.expert_hidden = 8;
+  mc.unconditional_experts = 1;
+  mc.shared_experts = 1;
+  mc.router.inner.k = 2;
+  mc.router.null_label = 3;
+  mc.loss = {{1.0, 0.5, true}};
+  for (bool interleave : {true, false}) {
+    CAPTURE(interleave);
+    auto cfg = tiny_config();
+    cfg.interleave = interleave;
+    dit::dit_model<B, double, moe_t> model(cfg, mc, rng{2});
+    randomise(model, 200);
+    check_dit_gradients(model, {0, 3, 2, 1}, 11);
+  }
+}
+
+TEST_CASE("DiT names follow the reference state dict", "[dit]") {
+  dit::dit_model<backend::cpu, double> model(tiny_config(), {}, rng{1});
+  std::vector<std::string> names;
+  for (auto& p : model.parameters()) names.push_back(p.name);
+  for (const char* expected : {"x_embedder.proj.weight", "t_embedder.mlp.0.weight", "t_embedder.mlp.2.bias",
+                               "y_embedder.embedding_table.weight", "blocks.1.attn.qkv.weight",
+                               "blocks.0.attn.proj.bias", "blocks.1.adaLN_modulation.1.weight",
+                               "blocks.0.mlp.fc1.weight", "blocks.1.mlp.fc2.bias",
+                               "final_layer.adaLN_modulation.1.weight", "final_layer.linear.weight"})
+    CHECK(std::find(names.begin(), names.end(), expected) != names.end());
+  const auto buffers = model.buffers();
+  REQUIRE(buffers.size() == 1);
+  CHECK(buffers[0].name == "pos_embed");
+  CHECK(buffers[0].shape == std::vector<index_t>{1, 4, 8});
+}
+
+TEST_CASE("DiT rejects bad configurations and inputs", "[dit][errors]") {
+  using model_t = dit::dit_model<backend::cpu, double>;
+  auto cfg = tiny_config();
+  cfg.hidden_size = 10;
+  REQUIRE_THROWS_WITH(model_t(cfg, {}, rng{1}), Catch::Contains("hidden_size 10 is not divisible by 4"));
+  cfg = tiny_config();
+  cfg.num_heads = 3;
+  REQUIRE_THROWS_WITH(model_t(cfg, {}, rng{1}), Catch::Contains("not divisible by num_heads 3"));
+  cfg = tiny_config();
+  cfg.input_size = 5;
+  REQUIRE_THROWS_WITH(model_t(cfg, {}, rng{1}), Catch::Contains("input_size 5 is not divisible by patch_size 2"));
+  REQUIRE_THROWS_WITH(dit::preset("XXL"), Catch::Contains("unknown DiT preset 'XXL'"));
+
+  model_t model(tiny_config(), {}, rng{1});
+  typename model_t::cache c;
+  tensor<double, backend::cpu> x({2, 32}), out({2, 64}), bad_x({2, 31});
+  x.fill(0.1);
+  const std::vector<double> t{1, 2};
+  REQUIRE_THROWS_WITH(model.forward(bad_x.cmatrix(), t, std::vector<std::int64_t>{0, 1}, out.matrix(), c),
+                      Catch::Contains("x has shape [2, 31]") && Catch::Contains("expected [N, 32]"));
+  REQUIRE_THROWS_WITH(model.forward(x.cmatrix(), t, std::vector<std::int64_t>{0, 4}, out.matrix(), c),
+                      Catch::Contains("4"));
+  REQUIRE_THROWS_WITH(model.forward(x.cmatrix(), t, std::vector<std::int64_t>{0}, out.matrix(), c),
+                      Catch::Contains("labels has 1 entries, expected 2"));
+  REQUIRE_THROWS_WITH(model.backward(out.cmatrix(), c), Catch::Contains("holds no forward"));
+}
