@@ -167,5 +167,51 @@ TEST_CASE("DiT rejects bad configurations and inputs", "[dit][errors]") {
                       Catch::Contains("4"));
   REQUIRE_THROWS_WITH(model.forward(x.cmatrix(), t, std::vector<std::int64_t>{0}, out.matrix(), c),
                       Catch::Contains("labels has 1 entries, expected 2"));
-  REQUIRE_THROWS_WITH(model.backward(out.cmatrix(), c), Catch::Contains("holds no forward"));
+  REQUIRE_THROWS_WITH(model.backward(out.cmatrix(), c), Catch::Contains("holds no training forward"));
+}
+
+TEST_CASE("DiT: dropped labels reach the MoE blocks; inference matches training routing for ProMoE",
+          "[dit][promoe]") {
+  using moe_t = promoe_layer<backend::cpu, double>;
+  typename moe_t::config mc;
+  mc.routed_experts = 3;
+  mc.expert_hidden = 8;
+  mc.unconditional_experts = 1;
+  mc.router.inner.k = 1;
+  mc.router.null_label = 3;
+  auto cfg = tiny_config();
+  cfg.class_dropout_prob = 0.5;
+  using model_t = dit::dit_model<backend::cpu, double, moe_t>;
+  model_t model(cfg, mc, rng{3});
+  randomise(model, 300);
+  const index_t n = 16;
+  const std::vector<std::int64_t> labels(n, 1);
+  const rng gen(42);
+  const auto dropped = model.drop_labels(labels, gen, 7);
+  REQUIRE(dropped == model.drop_labels(labels, gen, 7));  // a stream fixes the draw
+  const auto nulls = std::count(dropped.begin(), dropped.end(), std::int64_t{3});
+  CHECK(nulls > 0);
+  CHECK(nulls < n);
+
+  auto x = to_device<backend::cpu>(random_vector<double>(n * cfg.image_size(), 5), {n, cfg.image_size()});
+  const std::vector<double> t(n, 500.0);
+  tensor<double, backend::cpu> out({n, cfg.output_size()}), out_infer({n, cfg.output_size()});
+  typename model_t::cache c, ci;
+  model.forward(x.cmatrix(), t, dropped, out.matrix(), c);
+  CHECK(c.labels == dropped);
+  // block 1 is the MoE block: the tokens of dropped samples went to the unconditional expert (id 3)
+  const auto& plan = c.blocks[1].moe.plan;
+  const auto se = plan.slot_expert.to_host();
+  const index_t tokens = cfg.tokens();
+  for (index_t s = 0; s < n; ++s)
+    for (index_t q = 0; q < tokens; ++q) CHECK((se[(s * tokens + q) * plan.slots_per_token] == 3) == (dropped[s] == 3));
+
+  model.infer(x.cmatrix(), t, dropped, out_infer.matrix(), ci);
+  CHECK(promoe_test::relative_error(out_infer.to_host(), out.to_host()) <= 1e-13);
+  REQUIRE_THROWS_WITH(model.backward(out.cmatrix(), ci), Catch::Contains("holds no training forward"));
+  // an all-null batch (the CFG unconditional pass) takes the dense fast path, same numbers
+  const std::vector<std::int64_t> all_null(n, 3);
+  model.forward(x.cmatrix(), t, all_null, out.matrix(), c);
+  model.infer(x.cmatrix(), t, all_null, out_infer.matrix(), ci);
+  CHECK(promoe_test::relative_error(out_infer.to_host(), out.to_host()) <= 1e-13);
 }

@@ -80,7 +80,7 @@ class dit_model {
 
   struct cache {
     index_t samples = 0;
-    bool ready = false;
+    bool ready = false;     ///< a training forward filled it (backward may run)
     std::vector<std::int64_t> labels;  ///< after dropout: what the embedder and MoE blocks saw
     tensor<T, B> t;                    ///< [N] model time
     typename nn::patch_embed<T, B>::cache patch;
@@ -134,10 +134,33 @@ class dit_model {
   const dit_config& cfg() const { return cfg_; }
   std::vector<block>& blocks() { return blocks_; }
 
-  /// out [N, C_out*H*W] = DiT(x [N, C*H*W], t [N] (host, model time), labels [N] (host)).
-  /// Labels are used as given; drop them first (nn::drop_labels) for training.
+  /// Labels after classifier-free-guidance dropout: each becomes the null label num_classes
+  /// with probability class_dropout_prob, drawn from stream `stream` of `gen` (counter-based,
+  /// so a training step's stream fixes the draw). Pass the result to forward().
+  std::vector<std::int64_t> drop_labels(std::span<const std::int64_t> labels, const rng& gen,
+                                        std::uint64_t stream) const {
+    return nn::drop_labels(labels, cfg_.num_classes, cfg_.class_dropout_prob, gen, stream);
+  }
+
+  /// Training forward: out [N, C_out*H*W] = DiT(x [N, C*H*W], t [N] (host, model time),
+  /// labels [N] (host)). Labels are used as given (drop them first with drop_labels); the
+  /// MoE blocks route with them. Fills `c` for backward.
   void forward(const_matrix_view<T> x, std::span<const T> t, std::span<const std::int64_t> labels,
                matrix_view<T> out, cache& c) {
+    run(x, t, labels, out, c, true);
+  }
+
+  /// Inference forward: as forward(), but the MoE blocks route in inference mode (batch-
+  /// independent thresholds; the dense unconditional path for an all-null batch) and no
+  /// auxiliary losses are computed. `c` only holds scratch afterwards: no backward.
+  void infer(const_matrix_view<T> x, std::span<const T> t, std::span<const std::int64_t> labels, matrix_view<T> out,
+             cache& c) {
+    run(x, t, labels, out, c, false);
+  }
+
+ private:
+  void run(const_matrix_view<T> x, std::span<const T> t, std::span<const std::int64_t> labels, matrix_view<T> out,
+           cache& c, bool training) {
     c.ready = false;
     const index_t n = x.rows, d = cfg_.hidden_size, tokens = cfg_.tokens(), rows = n * tokens;
     PROMOE_CHECK(x.cols == cfg_.image_size(), "dit_model::forward: x has shape [", x.rows, ", ", x.cols,
@@ -166,18 +189,20 @@ class dit_model {
     // blocks
     c.blocks.resize(blocks_.size());
     c.aux.assign(blocks_.size(), T(0));
-    for (std::size_t i = 0; i < blocks_.size(); ++i) forward_block(i, c);
+    for (std::size_t i = 0; i < blocks_.size(); ++i) forward_block(i, c, training);
     // final layer and unpatchify
     c.out_tokens.resize({rows, final_.out_features()});
     final_.forward(c.xs.back().cmatrix(), c.c.cmatrix(), c.out_tokens.matrix(), c.final);
     nn::unpatchify<B, T>(c.out_tokens.cmatrix(), out_grid(n), out);
-    c.ready = true;
+    c.ready = training;
   }
+
+ public:
 
   /// Backward from dout [N, C_out*H*W]: parameter gradients accumulate (the auxiliary losses
   /// of the MoE blocks included, weight 1); dx [N, C*H*W] += the input gradient unless empty.
   void backward(const_matrix_view<T> dout, cache& c, matrix_view<T> dx = {}) {
-    PROMOE_CHECK(c.ready, "dit_model::backward: the cache holds no forward");
+    PROMOE_CHECK(c.ready, "dit_model::backward: the cache holds no training forward");
     const index_t n = c.samples, d = cfg_.hidden_size, tokens = cfg_.tokens(), rows = n * tokens;
     PROMOE_CHECK(dout.rows == n && dout.cols == cfg_.output_size(), "dit_model::backward: dout has shape [", dout.rows,
                  ", ", dout.cols, "], expected [", n, ", ", cfg_.output_size(), "]");
@@ -271,7 +296,7 @@ class dit_model {
     }
   }
 
-  void forward_block(std::size_t i, cache& c) {
+  void forward_block(std::size_t i, cache& c, bool training) {
     block& b = blocks_[i];
     block_cache& k = c.blocks[i];
     const index_t n = c.samples, d = cfg_.hidden_size, tokens = cfg_.tokens(), rows = n * tokens;
@@ -293,8 +318,12 @@ class dit_model {
       k.mlp_act.resize({rows, 2 * cfg_.mlp_hidden()});
       b.dense->forward(0, k.h2.cmatrix(), k.mlp_act.matrix(), k.m.matrix(), false);
     } else if constexpr (has_moe) {
-      b.moe->forward(k.h2.cmatrix(), c.labels, k.m.matrix(), k.moe);
-      c.aux[i] = b.moe->aux_loss(k.moe);
+      if (training) {
+        b.moe->forward(k.h2.cmatrix(), c.labels, k.m.matrix(), k.moe);
+        c.aux[i] = b.moe->aux_loss(k.moe);
+      } else {
+        b.moe->infer(k.h2.cmatrix(), c.labels, k.m.matrix());
+      }
     }
     nn::gated_residual<T, B>::forward(k.x_mid.cmatrix(), mod.col_block(5 * d, d), k.m.cmatrix(), tokens,
                                       c.xs[i + 1].matrix());
