@@ -185,7 +185,7 @@ class dit_model {
     t_embedder_.forward(c.t.data(), n, c.c.matrix(), c.temb);
     y_embedder_.forward(c.labels, c.y_emb.matrix(), c.yemb);
     ops::add<B>(c.y_emb.cmatrix(), c.c.matrix());
-    traits::parallel_for(n, nn::detail::final_layer_silu_functor<T>{c.c.data(), d, c.c_act.data(), d});
+    traits::parallel_for(n, act::apply_rows_functor<act::silu, T>{c.c.data(), d, c.c_act.data(), d, d});
     // blocks
     c.blocks.resize(blocks_.size());
     c.aux.assign(blocks_.size(), T(0));
@@ -219,8 +219,7 @@ class dit_model {
     c.dc_act.resize({n, d});
     c.dc_act.fill(T(0));
     for (std::size_t i = blocks_.size(); i-- > 0;) backward_block(i, c);
-    traits::parallel_for(n, nn::detail::final_layer_silu_backward_functor<T>{c.c.data(), d, c.dc_act.data(),
-                                                                            c.dc.data(), d, d});
+    traits::parallel_for(n, act::backward_rows_functor<act::silu, T>{c.c.data(), d, c.dc_act.data(), d, c.dc.data(), d, d, true});
     t_embedder_.backward(c.dc.cmatrix(), c.temb);
     y_embedder_.backward(c.dc.cmatrix(), c.yemb);
     x_embedder_.backward(c.dx.cmatrix(), dx, c.patch);

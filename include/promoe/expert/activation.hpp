@@ -72,6 +72,40 @@ struct relu {
 
 }  // namespace promoe::act
 
+namespace promoe::act {
+
+/// out[r, :] = Act(in[r, :]) for one row (any leading dimensions; out may be in).
+template <class Act, class T>
+struct apply_rows_functor {
+  const T* in;  // [rows, cols], leading dimension ldi
+  index_t ldi;
+  T* out;  // [rows, cols], leading dimension ldo
+  index_t ldo, cols;
+  PROMOE_HOST_DEVICE void operator()(index_t r) const {
+    for (index_t j = 0; j < cols; ++j) out[r * ldo + j] = Act::value(in[r * ldi + j]);
+  }
+};
+
+/// dx[r, :] (+)= dy[r, :] * Act'(x[r, :]) for one row; dx may be dy (then accumulate is false).
+template <class Act, class T>
+struct backward_rows_functor {
+  const T* x;  // [rows, cols] the activation's input, leading dimension ldx
+  index_t ldx;
+  const T* dy;  // [rows, cols] gradient at its output, leading dimension lddy
+  index_t lddy;
+  T* dx;  // [rows, cols] gradient at its input, leading dimension lddx
+  index_t lddx, cols;
+  bool accumulate;
+  PROMOE_HOST_DEVICE void operator()(index_t r) const {
+    for (index_t j = 0; j < cols; ++j) {
+      const T g = dy[r * lddy + j] * Act::derivative(x[r * ldx + j]);
+      dx[r * lddx + j] = accumulate ? dx[r * lddx + j] + g : g;
+    }
+  }
+};
+
+}  // namespace promoe::act
+
 namespace promoe {
 /// An activation: static value(x) and derivative(x) for float and double.
 template <class A>

@@ -16,31 +16,6 @@
 
 namespace promoe::expert {
 
-namespace detail {
-/// act[:, I:2I] = Act(act[:, 0:I]) for one row.
-template <class Act, class T>
-struct activate_functor {
-  T* act;  // [rows, 2I]: pre-activation then activation
-  index_t hidden;
-  PROMOE_HOST_DEVICE void operator()(index_t r) const {
-    T* h = act + r * 2 * hidden;
-    for (index_t j = 0; j < hidden; ++j) h[hidden + j] = Act::value(h[j]);
-  }
-};
-/// d[:, j] *= Act'(h[:, j]) for one row.
-template <class Act, class T>
-struct activation_backward_functor {
-  const T* act;  // [rows, 2I]
-  T* d;          // [rows, I]: gradient at the activation output, becomes gradient at its input
-  index_t hidden;
-  PROMOE_HOST_DEVICE void operator()(index_t r) const {
-    const T* h = act + r * 2 * hidden;
-    T* g = d + r * hidden;
-    for (index_t j = 0; j < hidden; ++j) g[j] *= Act::derivative(h[j]);
-  }
-};
-}  // namespace detail
-
 /// \tparam Act activation policy (act::gelu_tanh in DiT and ProMoE).
 template <ActivationPolicy Act>
 struct mlp {
@@ -88,7 +63,7 @@ struct mlp {
       auto a = act.col_block(hidden_, hidden_);
       ops::broadcast_row<B>(h, b1(e), false);
       ops::gemm<B, T>(x, transpose::no, const_matrix_view<T>{w1(e), hidden_, dim_}, transpose::yes, h, T(1), T(1));
-      traits::parallel_for(x.rows, detail::activate_functor<Act, T>{act.data, hidden_});
+      traits::parallel_for(x.rows, act::apply_rows_functor<Act, T>{h.data, h.ld, a.data, a.ld, hidden_});
       ops::broadcast_row<B>(y, b2(e), accumulate);
       ops::gemm<B, T>(a, transpose::no, const_matrix_view<T>{w2(e), dim_, hidden_}, transpose::yes, y, T(1), T(1));
     }
@@ -103,7 +78,8 @@ struct mlp {
       ops::gemm<B, T>(dy, transpose::yes, a, transpose::no, {gw2(e), dim_, hidden_}, T(1), T(1));
       ops::accumulate_column_sums<B>(dy, ones, gb2(e));
       ops::gemm<B, T>(dy, transpose::no, const_matrix_view<T>{w2(e), dim_, hidden_}, transpose::no, dh);
-      traits::parallel_for(x.rows, detail::activation_backward_functor<Act, T>{act.data, dh.data, hidden_});
+      traits::parallel_for(x.rows, act::backward_rows_functor<Act, T>{act.data, act.ld, dh.data, dh.ld, dh.data, dh.ld,
+                                                                     hidden_, false});
       ops::gemm<B, T>(dh, transpose::yes, x, transpose::no, matrix_view<T>{gw1(e), hidden_, dim_}, T(1), T(1));
       ops::accumulate_column_sums<B>(const_matrix_view<T>(dh), ones, gb1(e));
       ops::gemm<B, T>(dh, transpose::no, const_matrix_view<T>{w1(e), hidden_, dim_}, transpose::no, dx, T(1),

@@ -37,33 +37,6 @@ void unpatchify_backward(const_matrix_view<T> dimages, const patch_grid& g, matr
   detail::run_patch_copy<B>(dimages.data, dimages.ld, dtokens.data, dtokens.ld, g, true, false, true);
 }
 
-namespace detail {
-/// out[r, :] = SiLU(in[r, :]) for one row.
-template <class T>
-struct final_layer_silu_functor {
-  const T* in;  // [N, D], leading dimension ldi
-  index_t ldi;
-  T* out;  // [N, D] contiguous
-  index_t dim;
-  PROMOE_HOST_DEVICE void operator()(index_t r) const {
-    for (index_t j = 0; j < dim; ++j) out[r * dim + j] = act::silu::value(in[r * ldi + j]);
-  }
-};
-
-/// dc[r, :] += dact[r, :] * SiLU'(c[r, :]) for one row.
-template <class T>
-struct final_layer_silu_backward_functor {
-  const T* c;  // [N, D], leading dimension ldc (the forward's conditioning)
-  index_t ldc;
-  const T* dact;  // [N, D] contiguous: gradient at SiLU(c)
-  T* dc;          // [N, D], leading dimension lddc
-  index_t lddc, dim;
-  PROMOE_HOST_DEVICE void operator()(index_t r) const {
-    for (index_t j = 0; j < dim; ++j) dc[r * lddc + j] += dact[r * dim + j] * act::silu::derivative(c[r * ldc + j]);
-  }
-};
-}  // namespace detail
-
 /// y [N*T, p*p*C_out] = linear(modulate(LayerNorm(x), shift, scale)) with
 /// (shift, scale) = adaLN_modulation(c) = Linear(D -> 2D)(SiLU(c)) split in that order,
 /// modulate(h, shift, scale) = h * (1 + scale) + shift per sample. x [N*T, D] holds the T
@@ -128,7 +101,7 @@ class final_layer {
     k.xmod.resize({x.rows, dim_});
     norm.forward(x, k.xmod.matrix(), k.norm);
     if (n == 0 || tokens == 0) return;
-    backend_traits<B>::parallel_for(n, detail::final_layer_silu_functor<T>{c.data, c.ld, k.act.data(), dim_});
+    backend_traits<B>::parallel_for(n, act::apply_rows_functor<act::silu, T>{c.data, c.ld, k.act.data(), dim_, dim_});
     modulation.forward(k.act.cmatrix(), k.mod.matrix());
     const const_matrix_view<T> mod = k.mod.cmatrix();
     modulate<T, B>::forward(k.xmod.cmatrix(), mod.col_block(0, dim_), mod.col_block(dim_, dim_), tokens,
@@ -184,7 +157,7 @@ class final_layer {
     modulation.backward(k.act.cmatrix(), k.dmod.cmatrix(), dact, k.ones.data());
     if (dc.data)
       backend_traits<B>::parallel_for(
-          n, detail::final_layer_silu_backward_functor<T>{c.data, c.ld, k.dact.data(), dc.data, dc.ld, dim_});
+          n, act::backward_rows_functor<act::silu, T>{c.data, c.ld, k.dact.data(), dim_, dc.data, dc.ld, dim_, true});
   }
 
   void zero_grad() {

@@ -45,27 +45,7 @@ struct timestep_frequency_functor {
   }
 };
 
-/// act[r, :] = SiLU(pre[r, :]) for one row.
-template <class T>
-struct timestep_silu_functor {
-  const T* pre;  // [n, D]
-  T* act;        // [n, D]
-  index_t dim;
-  PROMOE_HOST_DEVICE void operator()(index_t r) const {
-    for (index_t j = 0; j < dim; ++j) act[r * dim + j] = act::silu::value(pre[r * dim + j]);
-  }
-};
 
-/// d[r, :] *= SiLU'(pre[r, :]) for one row.
-template <class T>
-struct timestep_silu_backward_functor {
-  const T* pre;  // [n, D]
-  T* d;          // [n, D]: gradient at the SiLU output, becomes the gradient at its input
-  index_t dim;
-  PROMOE_HOST_DEVICE void operator()(index_t r) const {
-    for (index_t j = 0; j < dim; ++j) d[r * dim + j] *= act::silu::derivative(pre[r * dim + j]);
-  }
-};
 }  // namespace detail
 
 /// out [n, 2*half] = the sinusoidal embedding of the timesteps t [n] (backend memory):
@@ -128,7 +108,7 @@ class timestep_embedder {
     if (n == 0) return;
     timestep_frequency_embedding<B>(t, n, c.freq.matrix());
     mlp0.forward(c.freq.cmatrix(), c.hidden.matrix());
-    backend_traits<B>::parallel_for(n, detail::timestep_silu_functor<T>{c.hidden.data(), c.act.data(), dim_});
+    backend_traits<B>::parallel_for(n, act::apply_rows_functor<act::silu, T>{c.hidden.data(), dim_, c.act.data(), dim_, dim_});
     mlp2.forward(c.act.cmatrix(), y);
   }
 
@@ -146,7 +126,8 @@ class timestep_embedder {
     c.dhidden.fill(T(0));
     mlp2.backward(c.act.cmatrix(), dy, c.dhidden.matrix(), c.ones.data());
     backend_traits<B>::parallel_for(n,
-                                    detail::timestep_silu_backward_functor<T>{c.hidden.data(), c.dhidden.data(), dim_});
+                                    act::backward_rows_functor<act::silu, T>{c.hidden.data(), dim_, c.dhidden.data(), dim_,
+                                                                             c.dhidden.data(), dim_, dim_, false});
     mlp0.backward(c.freq.cmatrix(), c.dhidden.cmatrix(), matrix_view<T>{}, c.ones.data());
   }
 

@@ -31,18 +31,6 @@
 namespace promoe::router {
 
 namespace detail {
-/// a = GELU(h) per element of a row; with backward: d *= GELU'(h).
-template <class T>
-struct race_gelu_functor {
-  const T* h;  // [rows, d]
-  T* out;      // [rows, d]: activation, or the gradient to scale when backward
-  index_t d;
-  bool backward;
-  PROMOE_HOST_DEVICE void operator()(index_t r) const {
-    for (index_t j = 0; j < d; ++j)
-      out[r * d + j] = backward ? out[r * d + j] * act::gelu::derivative(h[r * d + j]) : act::gelu::value(h[r * d + j]);
-  }
-};
 /// dz = dgate (+ extra): the gate is the logit itself.
 template <class T>
 struct race_dlogits_functor {
@@ -103,7 +91,7 @@ struct expert_race {
       c.logits.resize({n, e});
       ops::broadcast_row<B>(c.h.matrix(), b1_.data(), false);
       ops::gemm<B, T>(in.x, transpose::no, w1_.cmatrix(), transpose::yes, c.h.matrix(), T(1), T(1));
-      traits::parallel_for(n, detail::race_gelu_functor<T>{c.h.data(), c.a.data(), d, false});
+      traits::parallel_for(n, act::apply_rows_functor<act::gelu, T>{c.h.data(), d, c.a.data(), d, d});
       ops::broadcast_row<B>(c.logits.matrix(), b2_.data(), false);
       ops::gemm<B, T>(c.a.cmatrix(), transpose::no, w2_.cmatrix(), transpose::yes, c.logits.matrix(), T(1), T(1));
       c.host_logits = c.logits.to_host();
@@ -141,7 +129,8 @@ struct expert_race {
       ops::gemm<B, T>(c.dlogits.cmatrix(), transpose::yes, c.a.cmatrix(), transpose::no, gw2_.matrix(), T(1), T(1));
       ops::accumulate_column_sums<B>(c.dlogits.cmatrix(), c.ones.data(), gb2_.data());
       ops::gemm<B, T>(c.dlogits.cmatrix(), transpose::no, w2_.cmatrix(), transpose::no, c.dh.matrix());
-      traits::parallel_for(n, detail::race_gelu_functor<T>{c.h.data(), c.dh.data(), d, true});
+      traits::parallel_for(n, act::backward_rows_functor<act::gelu, T>{c.h.data(), d, c.dh.data(), d, c.dh.data(), d, d,
+                                                                         false});
       ops::gemm<B, T>(c.dh.cmatrix(), transpose::yes, in.x, transpose::no, gw1_.matrix(), T(1), T(1));
       ops::accumulate_column_sums<B>(c.dh.cmatrix(), c.ones.data(), gb1_.data());
       ops::gemm<B, T>(c.dh.cmatrix(), transpose::no, w1_.cmatrix(), transpose::no, dx, T(1), T(1));
