@@ -1,0 +1,124 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file clip.hpp
+/// \brief optim::grad_norm and optim::clip_grad_norm: the global L2 norm of the gradients of a
+/// named_parameter list and torch.nn.utils.clip_grad_norm_ on it.
+///
+/// The sum of squares is accumulated in double over fixed chunks (each chunk in index order,
+/// the chunks in order on the host), so the norm is the same on every backend, thread count
+/// and run. clip_grad_norm scales by clip_coef = max_norm / (total_norm + 1e-6) when that is
+/// below 1 (PyTorch multiplies by clamp(clip_coef, max=1), where 1 changes nothing).
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <vector>
+
+#include "../backend/backend.hpp"
+#include "../backend/tensor.hpp"
+#include "../core/config.hpp"
+#include "../core/error.hpp"
+
+namespace promoe::optim {
+
+namespace detail {
+
+/// Elements per partial sum of the norm.
+inline constexpr index_t norm_chunk = 1024;
+
+/// partial[c] = sum of g[i]^2 over chunk c of g, in double, in index order.
+template <class T>
+struct sum_squares_chunk_functor {
+  const T* g;
+  index_t n;
+  double* partial;
+  PROMOE_HOST_DEVICE void operator()(index_t c) const {
+    const index_t first = c * norm_chunk;
+    const index_t last = first + norm_chunk < n ? first + norm_chunk : n;
+    double s = 0.0;
+    for (index_t i = first; i < last; ++i) {
+      const double v = static_cast<double>(g[i]);
+      s += v * v;
+    }
+    partial[c] = s;
+  }
+};
+
+/// g[i] *= coef.
+template <class T>
+struct scale_functor {
+  T* g;
+  T coef;
+  PROMOE_HOST_DEVICE void operator()(index_t i) const { g[i] = g[i] * coef; }
+};
+
+/// Sum of squares of each gradient (double, deterministic); entries without a grad give 0.
+template <class T, class B>
+std::vector<double> grad_sum_squares(const std::vector<named_parameter<T>>& params) {
+  using traits = backend_traits<B>;
+  std::vector<index_t> first_chunk(params.size() + 1, 0);
+  for (std::size_t k = 0; k < params.size(); ++k) {
+    const index_t n = params[k].grad ? params[k].size() : 0;
+    first_chunk[k + 1] = first_chunk[k] + (n + norm_chunk - 1) / norm_chunk;
+  }
+  const index_t chunks = first_chunk.back();
+  std::vector<double> out(params.size(), 0.0);
+  if (chunks == 0) return out;
+  tensor<double, B> partial({chunks});
+  for (std::size_t k = 0; k < params.size(); ++k) {
+    const index_t c = first_chunk[k + 1] - first_chunk[k];
+    if (c > 0)
+      traits::parallel_for(c, sum_squares_chunk_functor<T>{params[k].grad, params[k].size(),
+                                                           partial.data() + first_chunk[k]});
+  }
+  const std::vector<double> host = partial.to_host();
+  for (std::size_t k = 0; k < params.size(); ++k)
+    for (index_t c = first_chunk[k]; c < first_chunk[k + 1]; ++c) out[k] += host[static_cast<std::size_t>(c)];
+  return out;
+}
+
+}  // namespace detail
+
+/// The L2 norm of all gradients together (entries with a null grad are skipped), accumulated
+/// in double and deterministic. NaN or Inf in a gradient gives a non-finite result.
+template <class T, class B>
+double grad_norm(const std::vector<named_parameter<T>>& params) {
+  double total = 0.0;
+  for (double s : detail::grad_sum_squares<T, B>(params)) total += s;
+  return std::sqrt(total);
+}
+
+/// torch.nn.utils.clip_grad_norm_(params, max_norm) (L2): returns the total norm of the
+/// gradients before clipping and, when max_norm / (norm + 1e-6) < 1, multiplies every
+/// gradient by that factor. max_norm must be > 0 (+inf only measures). A non-finite norm
+/// throws promoe::error naming the first parameter whose gradient holds a NaN or Inf; the
+/// gradients are then left untouched.
+template <class T, class B>
+double clip_grad_norm(const std::vector<named_parameter<T>>& params, double max_norm) {
+  using traits = backend_traits<B>;
+  PROMOE_CHECK(max_norm > 0.0, "optim::clip_grad_norm: max_norm must be > 0, got ", max_norm);
+  const std::vector<double> sums = detail::grad_sum_squares<T, B>(params);
+  double total = 0.0;
+  for (double s : sums) total += s;
+  const double norm = std::sqrt(total);
+  if (!std::isfinite(norm)) {
+    for (std::size_t k = 0; k < params.size(); ++k) {
+      if (std::isfinite(sums[k])) continue;
+      const index_t i = traits::first_non_finite(static_cast<const T*>(params[k].grad), params[k].size());
+      if (i >= 0)
+        fail("optim::clip_grad_norm: the gradients contain NaN/Inf (first in '", params[k].name, "' at flat index ",
+             i, "); the total gradient norm is not finite");
+    }
+    fail("optim::clip_grad_norm: the gradients contain NaN/Inf or overflow: the total gradient norm is ", norm);
+  }
+  const double clip_coef = max_norm / (norm + 1e-6);
+  if (clip_coef < 1.0) {
+    const T coef = static_cast<T>(clip_coef);
+    for (const auto& p : params) {
+      const index_t n = p.grad ? p.size() : 0;
+      if (n > 0) traits::parallel_for(n, detail::scale_functor<T>{p.grad, coef});
+    }
+  }
+  return norm;
+}
+
+}  // namespace promoe::optim
