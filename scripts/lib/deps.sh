@@ -7,7 +7,7 @@ PROMOE_DEB_PACKAGES=(
   cmake g++ make
   libeigen3-dev catch2
   libopenblas-dev libopenblas0-pthread
-  ccache zlib1g-dev
+  ccache zlib1g-dev libstb-dev dataset-fashion-mnist
   nlohmann-json3-dev
   python3 python3-torch python3-numpy
 )

@@ -66,10 +66,10 @@ inline dit_config preset(const std::string& name) {
   } else if (name == "XL") {
     c.depth = 28, c.hidden_size = 1152, c.num_heads = 16;
   } else if (name == "mini-28") {
-    c.input_size = 28, c.patch_size = 2, c.in_channels = 1, c.hidden_size = 128, c.depth = 6, c.num_heads = 4;
+    c.input_size = 28, c.patch_size = 4, c.in_channels = 1, c.hidden_size = 96, c.depth = 6, c.num_heads = 4;
     c.num_classes = 10, c.learn_sigma = false;
   } else if (name == "mini-32") {
-    c.input_size = 32, c.patch_size = 4, c.in_channels = 3, c.hidden_size = 192, c.depth = 6, c.num_heads = 6;
+    c.input_size = 32, c.patch_size = 4, c.in_channels = 3, c.hidden_size = 128, c.depth = 6, c.num_heads = 4;
     c.num_classes = 10, c.learn_sigma = false;
   } else {
     fail("unknown DiT preset '", name, "' (known: S, B, L, XL, mini-28, mini-32)");

@@ -17,18 +17,23 @@ namespace promoe::act {
 
 struct gelu_tanh {
   static constexpr const char* name = "gelu_tanh";
+  /// 1 + tanh(u) = 2 / (1 + exp(-2u)): one exp, no cancellation where tanh(u) is near -1,
+  /// and several times faster than tanh in libm.
+  template <class T>
+  PROMOE_HOST_DEVICE static T one_plus_tanh(T x) {
+    using std::exp;
+    const T c = T(0.7978845608028654);  // sqrt(2 / pi)
+    return T(2) / (T(1) + exp(T(-2) * c * (x + T(0.044715) * x * x * x)));
+  }
   template <class T>
   PROMOE_HOST_DEVICE static T value(T x) {
-    using std::tanh;
-    const T c = T(0.7978845608028654);  // sqrt(2 / pi)
-    return T(0.5) * x * (T(1) + tanh(c * (x + T(0.044715) * x * x * x)));
+    return T(0.5) * x * one_plus_tanh(x);
   }
   template <class T>
   PROMOE_HOST_DEVICE static T derivative(T x) {
-    using std::tanh;
     const T c = T(0.7978845608028654);
-    const T t = tanh(c * (x + T(0.044715) * x * x * x));
-    return T(0.5) * (T(1) + t) + T(0.5) * x * (T(1) - t * t) * c * (T(1) + T(3 * 0.044715) * x * x);
+    const T p = one_plus_tanh(x);  // 1 + t;  1 - t^2 = p (2 - p)
+    return T(0.5) * p + T(0.5) * x * p * (T(2) - p) * c * (T(1) + T(3 * 0.044715) * x * x);
   }
 };
 

@@ -45,6 +45,7 @@
 #endif
 
 #include "../core/error.hpp"
+#include "atomic_file.hpp"
 
 static_assert(std::endian::native == std::endian::little,
               "promoe/io/safetensors.hpp: safetensors data is little-endian and this reader copies it "
@@ -695,107 +696,6 @@ void convert(const std::byte* p, std::vector<T>& out, F f) {
   }
 }
 
-inline std::string errno_message(int err) { return std::error_code(err, std::generic_category()).message(); }
-
-/// The temporary file next to target: "<name>.tmp.<pid>.<n>".
-inline std::filesystem::path temp_path_for(const std::filesystem::path& target) {
-  static std::atomic<std::uint64_t> counter{0};
-#if defined(_WIN32)
-  const long long pid = _getpid();
-#else
-  const long long pid = static_cast<long long>(::getpid());
-#endif
-  std::filesystem::path tmp = target;
-  tmp += ".tmp." + std::to_string(pid) + "." + std::to_string(counter.fetch_add(1));
-  return tmp;
-}
-
-/// A file opened for writing, closed (and its temp removed by the owner) on every path.
-class output_file {
- public:
-  explicit output_file(const std::filesystem::path& p) {
-#if defined(_WIN32)
-    const errno_t err = _wfopen_s(&f_, p.c_str(), L"wb");
-    if (err != 0 || !f_) error_ = errno_message(err ? err : EIO);
-#else
-    fd_ = ::open(p.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
-    if (fd_ < 0) error_ = errno_message(errno);
-#endif
-  }
-  output_file(const output_file&) = delete;
-  output_file& operator=(const output_file&) = delete;
-  ~output_file() { close(); }
-
-  bool ok() const { return error_.empty(); }
-  const std::string& error() const { return error_; }
-
-  void write(const void* data, std::size_t n) {
-    if (!ok() || n == 0) return;
-#if defined(_WIN32)
-    if (std::fwrite(data, 1, n, f_) != n) error_ = errno_message(errno);
-#else
-    const char* p = static_cast<const char*>(data);
-    while (n > 0) {
-      const ::ssize_t w = ::write(fd_, p, n);
-      if (w < 0) {
-        if (errno == EINTR) continue;
-        error_ = errno_message(errno);
-        return;
-      }
-      p += w;
-      n -= static_cast<std::size_t>(w);
-    }
-#endif
-  }
-
-  /// Flush to the device and close; error() tells whether everything reached the disk.
-  void sync_and_close() {
-    if (!ok()) return;
-#if defined(_WIN32)
-    if (std::fflush(f_) != 0 || _commit(_fileno(f_)) != 0) error_ = errno_message(errno);
-#else
-    if (::fsync(fd_) != 0) error_ = errno_message(errno);
-#endif
-    const bool closed = close();
-    if (ok() && !closed) error_ = errno_message(errno);
-  }
-
- private:
-  bool close() {
-#if defined(_WIN32)
-    if (!f_) return true;
-    const bool r = std::fclose(f_) == 0;
-    f_ = nullptr;
-#else
-    if (fd_ < 0) return true;
-    const bool r = ::close(fd_) == 0;
-    fd_ = -1;
-#endif
-    return r;
-  }
-
-#if defined(_WIN32)
-  std::FILE* f_ = nullptr;
-#else
-  int fd_ = -1;
-#endif
-  std::string error_;
-};
-
-/// After a rename, make the directory entry durable too (best effort; POSIX only).
-inline void sync_directory(const std::filesystem::path& dir) {
-#if !defined(_WIN32)
-  const std::string d = dir.empty() ? std::string(".") : dir.string();
-  const int fd = ::open(d.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd >= 0) {
-    (void)::fsync(fd);
-    (void)::close(fd);
-  }
-#else
-  (void)dir;
-#endif
-}
-
 }  // namespace detail
 
 /// A parsed and validated safetensors file held in memory.
@@ -997,40 +897,11 @@ class safetensors_writer {
   /// then renamed over path. On failure the temporary file is removed, path keeps its old
   /// contents, and promoe::error names the path and the problem.
   void write(const std::string& path) const {
-    namespace fs = std::filesystem;
-    const fs::path target(path);
-    PROMOE_CHECK(target.has_filename(), "safetensors_writer::write: '", path, "' does not name a file");
     const std::string head = header_();
-    const fs::path tmp = detail::temp_path_for(target);
-    struct remove_on_exit {
-      const fs::path& p;
-      bool armed = true;
-      ~remove_on_exit() {
-        std::error_code ec;
-        if (armed) fs::remove(p, ec);
-      }
-    } guard{tmp};
-    {
-      detail::output_file out(tmp);
-      if (!out.ok()) {
-        guard.armed = false;  // not created
-        fail("safetensors_writer::write: cannot create the temporary file '", tmp.string(), "' for '", path,
-             "': ", out.error());
-      }
+    write_file_atomically(path, "safetensors_writer::write", [&](detail::output_file& out) {
       out.write(head.data(), head.size());
       for (const auto* kv : order_()) out.write(kv->second.data.data(), kv->second.data.size());
-      out.sync_and_close();
-      if (!out.ok())
-        fail("safetensors_writer::write: writing '", path, "' failed (temporary file '", tmp.string(),
-             "' removed, the old file is untouched): ", out.error());
-    }
-    std::error_code ec;
-    fs::rename(tmp, target, ec);
-    if (ec)
-      fail("safetensors_writer::write: cannot move the temporary file '", tmp.string(), "' over '", path, "' (",
-           ec.message(), "); the old file is untouched");
-    guard.armed = false;
-    detail::sync_directory(target.parent_path());
+    });
   }
 
  private:
