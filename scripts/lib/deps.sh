@@ -8,7 +8,7 @@ PROMOE_DEB_PACKAGES=(
   libeigen3-dev catch2
   libopenblas-dev libopenblas0-pthread
   ccache zlib1g-dev libstb-dev dataset-fashion-mnist
-  nlohmann-json3-dev
+  nlohmann-json3-dev libcli11-dev
   python3 python3-torch python3-numpy
 )
 

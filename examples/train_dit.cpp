@@ -1,0 +1,316 @@
+// SPDX-License-Identifier: Apache-2.0
+// train_dit: trains a class-conditional DiT (dense or MoE MLPs, ProMoE by default) on a real
+// data set (Fashion-MNIST from its IDX files by default) with AdamW, EMA and gradient
+// clipping; writes sample grids, a routing map and checkpoints as it goes; --resume continues
+// a run exactly where its last checkpoint left it.
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <map>
+
+#include <CLI/CLI.hpp>
+
+#include <promoe/io/idx.hpp>
+#include <promoe/optim/clip.hpp>
+#include <promoe/optim/schedule.hpp>
+
+#include "dit_app.hpp"
+
+using namespace app;
+namespace fs = std::filesystem;
+using clock_type = std::chrono::steady_clock;
+
+namespace {
+
+struct cli_options {
+  run_config run;
+  index_t steps = 3000;
+  std::string data = io::fashion_mnist_default_dir();
+  std::string out = "out";
+  index_t sample_every = 1000;
+  index_t checkpoint_every = 500;
+  bool resume = false;
+  double cfg_scale = 2.0;
+  index_t sample_steps = 30;
+  index_t samples_per_class = 8;
+};
+
+/// Random streams of the training loop (distinct from the objectives' and samplers').
+constexpr std::uint64_t data_stream = 0x444154ull << 40;   // batch indices, per step
+constexpr std::uint64_t label_stream = 0x4C424Cull << 40;  // label dropout, per step
+
+std::string format_duration(double seconds) {
+  const long s = std::lround(std::max(0.0, seconds));
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%ld:%02ld:%02ld", s / 3600, (s / 60) % 60, s % 60);
+  return buf;
+}
+
+/// One line of progress: on a terminal it redraws in place, otherwise it is printed every
+/// `every` steps. Cheap: formatting happens only when a line is shown.
+class progress {
+ public:
+  progress(index_t total, index_t first) : total_(total), first_(first), tty_(isatty(2)), start_(clock_type::now()) {}
+  bool due(index_t step) const { return step + 1 == total_ || (tty_ ? true : (step + 1) % 50 == 0); }
+  void show(index_t step, double loss, const std::string& aux, double images_per_step) {
+    const double elapsed = std::chrono::duration<double>(clock_type::now() - start_).count();
+    const double done = static_cast<double>(step + 1 - first_);
+    const double rate = done / std::max(elapsed, 1e-9);
+    const int width = 24, filled = static_cast<int>(width * (step + 1) / std::max<index_t>(total_, 1));
+    std::fprintf(stderr, "%sstep %6lld/%lld [%.*s%.*s] loss %.4f%s | %6.1f img/s | ETA %s%s", tty_ ? "\r" : "",
+                 static_cast<long long>(step + 1), static_cast<long long>(total_), filled,
+                 "########################", width - filled, "........................", loss, aux.c_str(),
+                 rate * images_per_step, format_duration((total_ - step - 1) / std::max(rate, 1e-9)).c_str(),
+                 tty_ ? "" : "\n");
+    std::fflush(stderr);
+  }
+  void finish() {
+    if (tty_) std::fprintf(stderr, "\n");
+  }
+
+ private:
+  index_t total_, first_;
+  bool tty_;
+  clock_type::time_point start_;
+};
+
+template <class Model>
+class trainer {
+ public:
+  trainer(const cli_options& o, const io::labelled_images& data)
+      : o_(o), r_(o.run), d_(dit::preset(o.run.preset)), data_(data),
+        model_(d_, model_moe_config<Model>(r_, d_), rng{r_.seed}),
+        adamw_(model_.parameters(), {.lr = r_.lr}), ema_(model_.parameters(), r_.ema_decay),
+        schedule_(r_.lr, r_.warmup) {
+    PROMOE_CHECK(data.H == d_.input_size && data.W == d_.input_size && data.C == d_.in_channels,
+                 "the data's images are ", data.H, "x", data.W, "x", data.C, " but preset '", r_.preset, "' expects ",
+                 d_.input_size, "x", d_.input_size, "x", d_.in_channels);
+    for (std::int64_t l : data.labels)
+      PROMOE_CHECK(l >= 0 && l < d_.num_classes, "a data label is ", l, ", outside 0..", d_.num_classes - 1,
+                   " (the preset's num_classes)");
+  }
+
+  std::string config_text() const { return r_.to_json().dump(); }
+
+  std::vector<io::checkpoint_group<T, B>> groups() {
+    return {{"model", model_tensors(model_)}, {"ema", ema_.shadow()}, {"optim", adamw_.state()}};
+  }
+
+  void save(index_t step) {
+    io::checkpoint_info info;
+    info.step = static_cast<std::uint64_t>(step);
+    info.rng_seed = r_.seed;
+    info.config = config_text();
+    info.extra["optim_step"] = std::to_string(adamw_.step());
+    io::save_checkpoint<T, B>(checkpoint_path(), groups(), info);
+  }
+
+  index_t resume() {
+    const auto info = io::load_checkpoint<T, B>(checkpoint_path(), groups(), config_text());
+    adamw_.set_step(std::stoll(info.extra.at("optim_step")));
+    return static_cast<index_t>(info.step);
+  }
+
+  void run() {
+    fs::create_directories(o_.out);
+    index_t first = 0;
+    if (o_.resume) {
+      first = resume();
+      std::fprintf(stderr, "resumed from %s at step %lld\n", checkpoint_path().c_str(), static_cast<long long>(first));
+    }
+    std::printf("model: %s, %zu parameter tensors; training %lld steps of batch %lld on %lld images\n",
+                r_.mlp.c_str(), model_.parameters().size(), static_cast<long long>(o_.steps),
+                static_cast<long long>(r_.batch), static_cast<long long>(data_.N));
+    progress bar(o_.steps, first);
+    const auto params = model_.parameters();
+    for (index_t step = first; step < o_.steps; ++step) {
+      const double loss = train_step(step, params);
+      if (bar.due(step)) bar.show(step, loss, aux_text(), static_cast<double>(r_.batch));
+      const bool last = step + 1 == o_.steps;
+      if ((step + 1) % o_.checkpoint_every == 0 || last) save(step + 1);
+      if ((step + 1) % o_.sample_every == 0 || last) write_pictures();
+    }
+    bar.finish();
+  }
+
+ private:
+  std::string checkpoint_path() const { return (fs::path(o_.out) / "checkpoint.safetensors").string(); }
+
+  /// One optimisation step; everything random is a function of (seed, step).
+  double train_step(index_t step, const std::vector<named_parameter<T>>& params) {
+    const index_t n = r_.batch, hw = d_.input_size * d_.input_size * d_.in_channels;
+    labels_.resize(static_cast<std::size_t>(n));
+    pixels_.resize(static_cast<std::size_t>(n * hw));
+    for (index_t i = 0; i < n; ++i) {
+      const auto k = static_cast<index_t>(rng::uniform(r_.seed, data_stream + step, i) * static_cast<double>(data_.N));
+      labels_[i] = data_.labels[k];
+      const auto img = data_.image(k);
+      for (index_t j = 0; j < hw; ++j) pixels_[i * hw + j] = static_cast<T>(img[j]) / T(127.5) - T(1);
+    }
+    x0_.resize({n, d_.in_channels, d_.input_size, d_.input_size});
+    B_traits::copy_from_host(pixels_.data(), x0_.size(), x0_.data());
+    const auto dropped = model_.drop_labels(labels_, rng{r_.seed}, label_stream + step);
+    if (r_.objective == "flow") flow_.sample(x0_, r_.seed, step, batch_);
+    else ddpm_.sample(x0_, r_.seed, step, batch_);
+    out_.resize({n, d_.out_channels(), d_.input_size, d_.input_size});
+    model_.forward(batch_.x_t.matrix(), batch_.t, dropped, out_.matrix(), cache_);
+    const T loss = r_.objective == "flow" ? flow_.loss_and_grad(out_, batch_, dout_)
+                                          : ddpm_.loss_and_grad(out_, batch_, dout_);
+    model_.zero_grad();
+    model_.backward(dout_.matrix(), cache_);
+    optim::clip_grad_norm<T, B>(params, r_.clip);
+    adamw_.step(schedule_.lr_at(step));
+    ema_.update();
+    return static_cast<double>(loss);
+  }
+
+  std::string aux_text() const {
+    if constexpr (!Model::has_moe) return "";
+    char buf[48];
+    std::snprintf(buf, sizeof buf, " aux %.4f", static_cast<double>(model_.aux_loss(cache_)));
+    return buf;
+  }
+
+  /// samples.png (EMA weights, one row per class) and routing.png.
+  void write_pictures() {
+    const auto params = model_.parameters();
+    ema_.swap(params);
+    std::vector<std::int64_t> labels;
+    for (index_t k = 0; k < d_.num_classes; ++k)
+      for (index_t j = 0; j < o_.samples_per_class; ++j) labels.push_back(k);
+    const auto x = sample(model_, r_, labels, o_.cfg_scale, o_.sample_steps, r_.seed + 1);
+    const index_t n = static_cast<index_t>(labels.size()), s = d_.input_size, c = d_.in_channels;
+    const auto grid = io::image_grid(nhwc_bytes(x, n, c, s, s), n, s, s, c, o_.samples_per_class, 2, 255);
+    io::write_png((fs::path(o_.out) / "samples.png").string(), grid);
+    if constexpr (Model::has_moe) write_routing_map();
+    ema_.swap(params);
+  }
+
+  /// Per class (rows) and token position, the expert its tokens go to most often in the
+  /// first MoE block, for noised training images of that class at t = 500; upscaled.
+  void write_routing_map() {
+    std::size_t moe_block = 0;
+    while (!model_.blocks()[moe_block].moe) ++moe_block;
+    const index_t g = d_.grid(), per_class = 32, scale = 4;
+    static constexpr std::uint8_t palette[][3] = {{230, 25, 75},  {60, 180, 75},  {255, 225, 25}, {0, 130, 200},
+                                                  {245, 130, 48}, {145, 30, 180}, {70, 240, 240}, {240, 50, 230},
+                                                  {210, 245, 60}, {250, 190, 212}, {0, 128, 128}, {220, 190, 255},
+                                                  {170, 110, 40}, {255, 250, 200}, {128, 0, 0},   {170, 255, 195}};
+    std::vector<std::uint8_t> cells;
+    for (index_t k = 0; k < d_.num_classes; ++k) {
+      std::vector<index_t> picks;
+      for (index_t i = 0; i < data_.N && static_cast<index_t>(picks.size()) < per_class; ++i)
+        if (data_.labels[i] == k) picks.push_back(i);
+      const index_t m = static_cast<index_t>(picks.size()), hw = d_.input_size * d_.input_size * d_.in_channels;
+      std::vector<index_t> votes(static_cast<std::size_t>(g * g * (r_.experts + 2)), 0);
+      if (m > 0) {
+        std::vector<T> px(static_cast<std::size_t>(m * hw));
+        for (index_t i = 0; i < m; ++i) {
+          const auto img = data_.image(picks[i]);
+          for (index_t j = 0; j < hw; ++j) px[i * hw + j] = static_cast<T>(img[j]) / T(127.5) - T(1);
+        }
+        const auto x0 = tensor<T, B>::from_host(px, {m, d_.in_channels, d_.input_size, d_.input_size});
+        auto batch = flow_.sample(x0, r_.seed + 2, 0);
+        std::fill(batch.t.begin(), batch.t.end(), T(500));
+        tensor<T, B> out({m, d_.output_size()});
+        typename Model::cache c;
+        const std::vector<std::int64_t> labels(static_cast<std::size_t>(m), k);
+        model_.forward(batch.x_t.matrix(), batch.t, labels, out.matrix(), c);
+        const auto& plan = c.blocks[moe_block].moe.plan;
+        const auto se = plan.slot_expert.to_host();
+        const auto sg = plan.slot_gate.to_host();
+        for (index_t t = 0; t < m * g * g; ++t) {
+          index_t best = -1;
+          for (index_t q = 0; q < plan.slots_per_token; ++q) {
+            const index_t s = t * plan.slots_per_token + q;
+            if (se[s] >= 0 && (best < 0 || sg[s] > sg[best])) best = s;
+          }
+          const index_t e = best < 0 ? r_.experts + 1 : std::min<index_t>(se[best], r_.experts);
+          ++votes[(t % (g * g)) * (r_.experts + 2) + e];
+        }
+      }
+      for (index_t y = 0; y < g * scale; ++y)
+        for (index_t x = 0; x < g * scale; ++x) {
+          const index_t pos = (y / scale) * g + x / scale;
+          const auto* v = &votes[pos * (r_.experts + 2)];
+          const index_t e = std::max_element(v, v + r_.experts + 2) - v;  // routed, unconditional, none
+          for (int ch = 0; ch < 3; ++ch)
+            cells.push_back(e < r_.experts ? palette[e % 16][ch] : e == r_.experts ? 128 : 0);
+        }
+    }
+    const auto grid = io::image_grid(cells, d_.num_classes, g * scale, g * scale, 3, 1, 2, 255);
+    io::write_png((fs::path(o_.out) / "routing.png").string(), grid);
+  }
+
+  using B_traits = backend_traits<B>;
+  const cli_options& o_;
+  run_config r_;
+  dit::dit_config d_;
+  const io::labelled_images& data_;
+  Model model_;
+  optim::adamw<T, B> adamw_;
+  optim::ema<T, B> ema_;
+  optim::schedule schedule_;
+  dit::rectified_flow flow_;
+  dit::ddpm ddpm_;
+  typename Model::cache cache_;
+  dit::training_batch<T, B> batch_;
+  tensor<T, B> x0_, out_, dout_;
+  std::vector<std::int64_t> labels_;
+  std::vector<T> pixels_;
+};
+
+io::labelled_images load_data(const std::string& dir) {
+  PROMOE_CHECK(fs::is_directory(dir), "--data ", dir, ": not a directory");
+  return io::load_fashion_mnist(true, dir);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App cli{"train_dit: train a class-conditional DiT (dense or MoE) on Fashion-MNIST-style data"};
+  cli_options o;
+  auto& r = o.run;
+  cli.add_option("--preset", r.preset, "model preset: mini-28 (28x28x1), mini-32 (32x32x3), S, B, L, XL")
+      ->capture_default_str();
+  cli.add_option("--mlp", r.mlp, "MLP of the DiT blocks: dense, top-k, expert-choice, expert-race, promoe")
+      ->capture_default_str();
+  cli.add_option("--objective", r.objective, "flow (rectified flow) or ddpm")->capture_default_str();
+  cli.add_option("--experts", r.experts, "routed experts per MoE block")->capture_default_str();
+  cli.add_option("--steps", o.steps, "training steps")->capture_default_str();
+  cli.add_option("--batch", r.batch, "images per step")->capture_default_str();
+  cli.add_option("--lr", r.lr, "AdamW learning rate (after warm-up)")->capture_default_str();
+  cli.add_option("--warmup", r.warmup, "linear warm-up steps")->capture_default_str();
+  cli.add_option("--clip", r.clip, "gradient clipping: max global norm")->capture_default_str();
+  cli.add_option("--ema-decay", r.ema_decay, "EMA decay of the weights used for sampling")->capture_default_str();
+  cli.add_option("--seed", r.seed, "seed of everything random (init, data order, noise, dropout)")
+      ->capture_default_str();
+  cli.add_option("--data", o.data, "folder with the IDX files (train-images-idx3-ubyte[.gz], train-labels-...)")
+      ->capture_default_str();
+  cli.add_option("--out", o.out, "output folder: checkpoint.safetensors, samples.png, routing.png")
+      ->capture_default_str();
+  cli.add_option("--sample-every", o.sample_every, "write samples.png and routing.png every N steps")
+      ->capture_default_str();
+  cli.add_option("--checkpoint-every", o.checkpoint_every, "write the checkpoint every N steps")
+      ->capture_default_str();
+  cli.add_option("--cfg-scale", o.cfg_scale, "guidance scale of the sample grids")->capture_default_str();
+  cli.add_option("--sample-steps", o.sample_steps, "sampler steps of the sample grids")->capture_default_str();
+  cli.add_flag("--resume", o.resume, "continue from <out>/checkpoint.safetensors");
+  CLI11_PARSE(cli, argc, argv);
+  try {
+    r.validate();
+    PROMOE_CHECK(o.steps >= 1 && o.sample_every >= 1 && o.checkpoint_every >= 1,
+                 "--steps, --sample-every and --checkpoint-every must be >= 1");
+    const auto data = load_data(o.data);
+    with_model_type(r, [&]<class Model>() {
+      trainer<Model> t(o, data);
+      t.run();
+    });
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "\ntrain_dit: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,28 @@
+# cmake -DTRAIN=... -DSAMPLE=... -DWORK=... -P train_dit_resume.cmake
+# Trains 12 steps in one go, and 6 + 6 with --resume; the two checkpoints must be identical.
+file(REMOVE_RECURSE "${WORK}")
+set(args --batch 8 --sample-every 12 --checkpoint-every 6 --sample-steps 2 --seed 3)
+function(run)
+  execute_process(COMMAND ${ARGV} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "failed (${rc}): ${ARGV}\n${out}\n${err}")
+  endif()
+endfunction()
+run("${TRAIN}" ${args} --steps 12 --out "${WORK}/straight")
+run("${TRAIN}" ${args} --steps 6 --out "${WORK}/resumed")
+run("${TRAIN}" ${args} --steps 12 --out "${WORK}/resumed" --resume)
+execute_process(COMMAND ${CMAKE_COMMAND} -E compare_files "${WORK}/straight/checkpoint.safetensors"
+                        "${WORK}/resumed/checkpoint.safetensors" RESULT_VARIABLE same)
+if(NOT same EQUAL 0)
+  message(FATAL_ERROR "a run resumed at step 6 did not end with the uninterrupted run's checkpoint")
+endif()
+foreach(picture samples.png routing.png)
+  if(NOT EXISTS "${WORK}/straight/${picture}")
+    message(FATAL_ERROR "train_dit wrote no ${picture}")
+  endif()
+endforeach()
+run("${SAMPLE}" --checkpoint "${WORK}/straight/checkpoint.safetensors" --num-samples 10 --steps 2
+    --out "${WORK}/samples.npz")
+if(NOT EXISTS "${WORK}/samples.npz" OR NOT EXISTS "${WORK}/samples.png")
+  message(FATAL_ERROR "sample_dit wrote no samples.npz / samples.png")
+endif()
