@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""End-to-end MoE parity: PyTorch reference vs the C++ tool `promoe-parity`.
+"""End-to-end parity: PyTorch references vs the C++ tool `promoe-parity`.
 
-    python3 run_parity.py --parity PATH/promoe-parity --work DIR [--quick] [--only SUBSTR]
+    python3 run_parity.py [--model moe|dit] --parity PATH/promoe-parity --work DIR [--quick] [--only SUBSTR]
 
-1. writes the cases into DIR (make_cases.py, run with this same Python interpreter);
+1. writes the cases into DIR (make_cases.py for moe, make_dit_cases.py for dit, run with this
+   same Python interpreter);
 2. for each case runs
-     PATH --model moe --config C/config.json --weights C/weights.safetensors
+     PATH --model MODEL --config C/config.json --weights C/weights.safetensors
           --inputs C/inputs.safetensors --out C/actual.safetensors
 3. compares C/actual.safetensors with C/expected.safetensors (compare.compare, in process).
 Prints PASS/FAIL per case; exits 1 if any case fails.
@@ -32,6 +33,7 @@ def tail(text, n=15):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=["moe", "dit"], default="moe", help="which parity cases to run")
     ap.add_argument("--parity", required=True, help="path to the promoe-parity executable")
     ap.add_argument("--work", required=True, help="directory for the cases and outputs")
     ap.add_argument("--quick", action="store_true", help="only the quick subset of cases")
@@ -39,12 +41,13 @@ def main():
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per tool run")
     args = ap.parse_args()
 
-    gen = [sys.executable, os.path.join(HERE, "make_cases.py"), "--out", args.work]
+    maker = "make_cases.py" if args.model == "moe" else "make_dit_cases.py"
+    gen = [sys.executable, os.path.join(HERE, maker), "--out", args.work]
     if args.quick:
         gen.append("--quick")
     r = subprocess.run(gen, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
     if r.returncode != 0:
-        print("make_cases.py failed (exit %d):\n%s" % (r.returncode, tail(r.stdout, 40)))
+        print("%s failed (exit %d):\n%s" % (maker, r.returncode, tail(r.stdout, 40)))
         return 1
     with open(os.path.join(args.work, "cases.txt")) as f:
         cases = [l.strip() for l in f if l.strip()]
@@ -63,7 +66,7 @@ def main():
             os.remove(actual)
         with open(os.path.join(c, "config.json")) as f:
             dtype = json.load(f)["dtype"]
-        cmd = [args.parity, "--model", "moe",
+        cmd = [args.parity, "--model", args.model,
                "--config", os.path.join(c, "config.json"),
                "--weights", os.path.join(c, "weights.safetensors"),
                "--inputs", os.path.join(c, "inputs.safetensors"),
