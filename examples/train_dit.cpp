@@ -162,7 +162,9 @@ class trainer {
     model_.backward(dout_.matrix(), cache_);
     optim::clip_grad_norm<T, B>(params, r_.clip);
     adamw_.step(schedule_.lr_at(step));
-    ema_.update();
+    // EMA with a warm-up (min(decay, (1 + step) / (10 + step))): a short run's EMA is not
+    // dominated by the initial weights (DiT's zero-initialised output layer).
+    ema_.update(std::min(r_.ema_decay, (1.0 + static_cast<double>(step)) / (10.0 + static_cast<double>(step))));
     return static_cast<double>(loss);
   }
 
@@ -193,7 +195,7 @@ class trainer {
   void write_routing_map() {
     std::size_t moe_block = 0;
     while (!model_.blocks()[moe_block].moe) ++moe_block;
-    const index_t g = d_.grid(), per_class = 32, scale = 4;
+    const index_t g = d_.grid(), per_class = 32, scale = 8;
     static constexpr std::uint8_t palette[][3] = {{230, 25, 75},  {60, 180, 75},  {255, 225, 25}, {0, 130, 200},
                                                   {245, 130, 48}, {145, 30, 180}, {70, 240, 240}, {240, 50, 230},
                                                   {210, 245, 60}, {250, 190, 212}, {0, 128, 128}, {220, 190, 255},
