@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # shellcheck source-path=SCRIPTDIR
-# Installs what is missing, builds the quickstart example and runs it.
-# Arguments are passed on to the example.
+# Installs what is missing, builds train_dit and trains a small ProMoE-DiT on Fashion-MNIST
+# for a few minutes on the CPU. Writes out/checkpoint.safetensors, out/samples.png (one row
+# per class) and out/routing.png. Arguments are passed on to train_dit (e.g. --steps 3000).
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -12,5 +13,8 @@ source "$repo/scripts/lib/configure.sh"
 
 promoe_ensure_deps
 promoe_configure "$repo"
-cmake --build "$PROMOE_BUILD_DIR" --target quickstart -j"$PROMOE_JOBS"
-exec "$PROMOE_BUILD_DIR/examples/quickstart" "$@"
+cmake --build "$PROMOE_BUILD_DIR" --target train_dit sample_dit -j"$PROMOE_JOBS"
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-passive}"
+cd "$repo"
+exec "$PROMOE_BUILD_DIR/examples/train_dit" --preset mini-28 --mlp promoe --steps 800 --batch 64 \
+  --sample-every 800 --checkpoint-every 200 --out out "$@"
