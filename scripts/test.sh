@@ -6,7 +6,7 @@ set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck source=lib/deps.sh
-source "$repo/scripts/lib/deps.sh"
+PROMOE_WITH_TEST_PACKAGES=1 source "$repo/scripts/lib/deps.sh"
 # shellcheck source=lib/configure.sh
 source "$repo/scripts/lib/configure.sh"
 

@@ -1,7 +1,8 @@
 # shellcheck shell=bash
 # Sourced by scripts/test.sh and scripts/demo.sh: makes sure the Debian packages promoe
 # builds with are installed. As root, installs the missing ones with apt-get; otherwise
-# names them and exits 1.
+# names them and exits 1. `PROMOE_WITH_TEST_PACKAGES=1` (set by test.sh) adds what only the
+# tests need (PyTorch for the parity tests), which the demo does not install.
 
 PROMOE_DEB_PACKAGES=(
   cmake g++ make
@@ -9,8 +10,10 @@ PROMOE_DEB_PACKAGES=(
   libopenblas-dev libopenblas0-pthread
   ccache zlib1g-dev libstb-dev dataset-fashion-mnist
   nlohmann-json3-dev libcli11-dev
-  python3 python3-torch python3-numpy
 )
+if [[ "${PROMOE_WITH_TEST_PACKAGES:-0}" == 1 ]]; then
+  PROMOE_DEB_PACKAGES+=(python3 python3-torch python3-numpy)
+fi
 
 promoe_missing_packages() {
   local pkg status
