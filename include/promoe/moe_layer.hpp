@@ -64,16 +64,6 @@ class moe_layer;
 template <RouterPolicy Router, ExpertPolicy Expert, LossPolicy... L, Backend B, class T, ExpertPolicy SharedExpert>
 class moe_layer<Router, Expert, losses<L...>, B, T, SharedExpert> {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "moe_layer: T must be float or double");
-  using router_impl_ = typename Router::template impl<T, B>;
-  static_assert(sizeof...(L) == 0 ||
-                    requires(router_impl_& r, const route_input<T>& in, typename router_impl_::cache& c,
-                             const dispatch_plan<T, B>& p) {
-                      { r.loss_view(in, c, p, true) } -> std::same_as<loss_input<T, B>>;
-                    },
-                "moe_layer: auxiliary losses need a router with loss_view(input, cache, plan, for_backward)");
-  static_assert(((!detail::needs_prototypes_v<L> || router::detail::has_prototypes_v<router_impl_>) && ...),
-                "moe_layer: loss::routing_contrastive needs a router with prototypes (router::prototypical or "
-                "router::promoe)");
 
  public:
   using scalar = T;
@@ -84,6 +74,18 @@ class moe_layer<Router, Expert, losses<L...>, B, T, SharedExpert> {
   using shared_bank = typename SharedExpert::template bank<T, B>;
   static constexpr std::size_t num_losses = sizeof...(L);
 
+ private:
+  static_assert(sizeof...(L) == 0 ||
+                    requires(router_impl& r, const route_input<T>& in, typename router_impl::cache& c,
+                             const dispatch_plan<T, B>& p) {
+                      { r.loss_view(in, c, p, true) } -> std::same_as<loss_input<T, B>>;
+                    },
+                "moe_layer: auxiliary losses need a router with loss_view(input, cache, plan, for_backward)");
+  static_assert(((!detail::needs_prototypes_v<L> || router::detail::has_prototypes_v<router_impl>) && ...),
+                "moe_layer: loss::routing_contrastive needs a router with prototypes (router::prototypical or "
+                "router::promoe)");
+
+ public:
   struct config : moe_layout {
     typename Router::options router{};
     std::tuple<typename L::options...> loss{};  ///< one options struct per loss, in order
