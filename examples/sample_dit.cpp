@@ -2,13 +2,14 @@
 // sample_dit: loads a train_dit checkpoint (EMA weights by default), samples N images for
 // the given or cycling labels with classifier-free guidance, and writes them as an .npz
 // (arr_0 uint8 [N, H, W, C] as the ADM evaluator reads it, plus labels) and a PNG grid next
-// to it.
+// to it; or, for models of latents, the raw samples as a .safetensors file.
 #include <cstdio>
 #include <filesystem>
 
 #include <CLI/CLI.hpp>
 
 #include <promoe/io/npz.hpp>
+#include <promoe/io/safetensors.hpp>
 
 #include "dit_app.hpp"
 
@@ -30,7 +31,10 @@ int main(int argc, char** argv) {
   cli.add_option("--seed", seed, "seed of the sampling noise")->capture_default_str();
   cli.add_option("--labels", labels, "class labels to sample (cycled); default: 0, 1, ..., num_classes - 1 cycled");
   cli.add_option("--columns", columns, "columns of the PNG grid")->capture_default_str();
-  cli.add_option("--out", out, "output .npz; the grid goes next to it as .png")->capture_default_str();
+  cli.add_option("--out", out,
+                 "output .npz (uint8 images; the grid goes next to it as .png) or .safetensors (the raw samples "
+                 "[N,C,H,W] float32 and labels, e.g. latents for a decoder)")
+      ->capture_default_str();
   cli.add_flag("--raw-weights", raw_weights, "use the trained weights instead of their EMA");
   CLI11_PARSE(cli, argc, argv);
   try {
@@ -52,13 +56,23 @@ int main(int argc, char** argv) {
         PROMOE_CHECK(l >= 0 && l < d.num_classes, "--labels: ", l, " is outside 0..", d.num_classes - 1);
       const auto x = sample(model, r, want, cfg_scale, steps, seed);
       const index_t s = d.input_size, c = d.in_channels;
+      const char* weights = raw_weights ? "trained" : "EMA";
+      if (fs::path(out).extension() == ".safetensors") {
+        io::safetensors_writer w;
+        w.add("samples", {num_samples, c, s, s}, x);
+        w.add("labels", {num_samples}, want);
+        w.write(out);
+        std::printf("wrote %s (%lld samples, %s weights, step %llu)\n", out.c_str(),
+                    static_cast<long long>(num_samples), weights, static_cast<unsigned long long>(info.step));
+        return;
+      }
       const auto images = nhwc_bytes(x, num_samples, c, s, s);
       io::write_samples_npz(out, images, num_samples, s, s, c, want);
       const auto grid = io::image_grid(images, num_samples, s, s, c, columns, 2, 255);
       const auto png = fs::path(out).replace_extension(".png").string();
       io::write_png(png, grid);
       std::printf("wrote %s and %s (%lld samples, %s weights, step %llu)\n", out.c_str(), png.c_str(),
-                  static_cast<long long>(num_samples), raw_weights ? "trained" : "EMA",
+                  static_cast<long long>(num_samples), weights,
                   static_cast<unsigned long long>(info.step));
     });
   } catch (const std::exception& e) {

@@ -1,22 +1,24 @@
 // SPDX-License-Identifier: Apache-2.0
 // train_dit: trains a class-conditional DiT (dense or MoE MLPs, ProMoE by default) on a real
-// data set (Fashion-MNIST from its IDX files by default) with AdamW, EMA and gradient
-// clipping; writes sample grids, a routing map and checkpoints as it goes; --resume continues
-// a run exactly where its last checkpoint left it.
+// data set (Fashion-MNIST from its IDX files by default; image folders and latents too) with
+// AdamW, EMA and gradient clipping; writes sample grids, a routing map, a loss log and
+// checkpoints as it goes; --resume continues a run exactly where its last checkpoint left it.
 #include <unistd.h>
 
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <map>
+#include <sstream>
 
 #include <CLI/CLI.hpp>
 
-#include <promoe/io/idx.hpp>
 #include <promoe/optim/clip.hpp>
 #include <promoe/optim/schedule.hpp>
 
 #include "dit_app.hpp"
+#include "training_data.hpp"
 
 using namespace app;
 namespace fs = std::filesystem;
@@ -32,6 +34,8 @@ struct cli_options {
   index_t sample_every = 1000;
   index_t checkpoint_every = 500;
   bool resume = false;
+  bool overwrite = false;
+  index_t log_every = 0;  // 0: every step on a terminal, every 50 otherwise
   double cfg_scale = 2.0;
   index_t sample_steps = 30;
   index_t samples_per_class = 8;
@@ -48,16 +52,21 @@ std::string format_duration(double seconds) {
   return buf;
 }
 
-/// One line of progress: on a terminal it redraws in place, otherwise it is printed every
+/// One line of progress: on a terminal it redraws in place, otherwise a line is printed every
 /// `every` steps. Cheap: formatting happens only when a line is shown.
 class progress {
  public:
-  progress(index_t total, index_t first) : total_(total), first_(first), tty_(isatty(2)), start_(clock_type::now()) {}
-  bool due(index_t step) const { return step + 1 == total_ || (tty_ ? true : (step + 1) % 50 == 0); }
-  void show(index_t step, double loss, const std::string& aux, double images_per_step) {
+  progress(index_t total, index_t first, index_t every)
+      : total_(total), first_(first), tty_(isatty(2)), every_(every > 0 ? every : tty_ ? 1 : 50),
+        start_(clock_type::now()) {}
+  bool due(index_t step) const { return step + 1 == total_ || (step + 1) % every_ == 0; }
+  /// Steps per second since the start (or the resume).
+  double rate(index_t step) const {
     const double elapsed = std::chrono::duration<double>(clock_type::now() - start_).count();
-    const double done = static_cast<double>(step + 1 - first_);
-    const double rate = done / std::max(elapsed, 1e-9);
+    return static_cast<double>(step + 1 - first_) / std::max(elapsed, 1e-9);
+  }
+  void show(index_t step, double loss, const std::string& aux, double images_per_step) {
+    const double rate = this->rate(step);
     const int width = 24, filled = static_cast<int>(width * (step + 1) / std::max<index_t>(total_, 1));
     std::fprintf(stderr, "%sstep %6lld/%lld [%.*s%.*s] loss %.4f%s | %6.1f img/s | ETA %s%s", tty_ ? "\r" : "",
                  static_cast<long long>(step + 1), static_cast<long long>(total_), filled,
@@ -73,24 +82,70 @@ class progress {
  private:
   index_t total_, first_;
   bool tty_;
+  index_t every_;
   clock_type::time_point start_;
+};
+
+/// Wall time spent in each part of the training loop, to show what the bookkeeping costs.
+struct loop_timer {
+  double data = 0, step = 0, report = 0, checkpoint = 0, pictures = 0;
+  /// Runs f and adds its wall time (seconds) to `into`.
+  template <class F>
+  static decltype(auto) time(double& into, F&& f) {
+    const auto t0 = clock_type::now();
+    struct add {
+      double& into;
+      clock_type::time_point t0;
+      ~add() { into += std::chrono::duration<double>(clock_type::now() - t0).count(); }
+    } guard{into, t0};
+    return f();
+  }
+  void print(index_t steps) const {
+    if (steps <= 0) return;
+    const double n = static_cast<double>(steps), per = 1e3 / n, base = step > 0 ? step : 1e-30;
+    std::printf("time per step: %.2f ms training; data loading %.3f ms (%.2f%%), progress and log %.3f ms (%.2f%%); "
+                "checkpoints %.1f s, pictures %.1f s in all\n",
+                step * per, data * per, 100 * data / base, report * per, 100 * report / base, checkpoint, pictures);
+  }
+};
+
+/// out/log.csv: one line per progress line (step, loss, aux loss, learning rate, images/s).
+/// On --resume, lines past the checkpoint's step (a run killed after its last checkpoint)
+/// are dropped so the log matches the resumed run.
+class loss_log {
+ public:
+  loss_log(const std::string& path, index_t resumed_at) {
+    std::string kept = "step,loss,aux,lr,images_per_s\n";
+    if (resumed_at > 0) {
+      std::ifstream in(path);
+      std::string line;
+      for (bool header = true; std::getline(in, line); header = false)
+        if (!header && !line.empty() && std::stoll(line.substr(0, line.find(','))) <= resumed_at) kept += line + "\n";
+    }
+    io::write_file_atomically(path, "train_dit", std::as_bytes(std::span(kept)));
+    file_ = std::fopen(path.c_str(), "a");
+    PROMOE_CHECK(file_ != nullptr, "cannot open ", path, " for appending");
+  }
+  ~loss_log() { std::fclose(file_); }
+  loss_log(const loss_log&) = delete;
+  loss_log& operator=(const loss_log&) = delete;
+  void add(index_t step, double loss, double aux, double lr, double images_per_s) {
+    std::fprintf(file_, "%lld,%.6g,%.6g,%.6g,%.1f\n", static_cast<long long>(step), loss, aux, lr, images_per_s);
+    std::fflush(file_);
+  }
+
+ private:
+  std::FILE* file_;
 };
 
 template <class Model>
 class trainer {
  public:
-  trainer(const cli_options& o, const io::labelled_images& data)
+  trainer(const cli_options& o, const training_data& data)
       : o_(o), r_(o.run), d_(dit::preset(o.run.preset)), data_(data),
         model_(d_, model_moe_config<Model>(r_, d_), rng{r_.seed}),
         adamw_(model_.parameters(), {.lr = r_.lr}), ema_(model_.parameters(), r_.ema_decay),
-        schedule_(r_.lr, r_.warmup) {
-    PROMOE_CHECK(data.H == d_.input_size && data.W == d_.input_size && data.C == d_.in_channels,
-                 "the data's images are ", data.H, "x", data.W, "x", data.C, " but preset '", r_.preset, "' expects ",
-                 d_.input_size, "x", d_.input_size, "x", d_.in_channels);
-    for (std::int64_t l : data.labels)
-      PROMOE_CHECK(l >= 0 && l < d_.num_classes, "a data label is ", l, ", outside 0..", d_.num_classes - 1,
-                   " (the preset's num_classes)");
-  }
+        schedule_(r_.lr, r_.warmup) {}
 
   std::string config_text() const { return r_.to_json().dump(); }
 
@@ -114,43 +169,62 @@ class trainer {
   }
 
   void run() {
-    fs::create_directories(o_.out);
+    std::error_code ec;
+    fs::create_directories(o_.out, ec);
+    PROMOE_CHECK(!ec, "--out ", o_.out, ": cannot create the folder (", ec.message(), ")");
     index_t first = 0;
     if (o_.resume) {
       first = resume();
       std::fprintf(stderr, "resumed from %s at step %lld\n", checkpoint_path().c_str(), static_cast<long long>(first));
+    } else {
+      PROMOE_CHECK(o_.overwrite || !fs::exists(checkpoint_path()), checkpoint_path(),
+                   " exists: pass --resume to continue that run or --overwrite to start a new one over it");
     }
-    std::printf("model: %s, %zu parameter tensors; training %lld steps of batch %lld on %lld images\n",
-                r_.mlp.c_str(), model_.parameters().size(), static_cast<long long>(o_.steps),
-                static_cast<long long>(r_.batch), static_cast<long long>(data_.N));
-    progress bar(o_.steps, first);
+    io::remove_stale_temp_files(checkpoint_path());
+    std::printf("model: %s, %zu parameter tensors; training %lld steps of batch %lld on %lld %s\n", r_.mlp.c_str(),
+                model_.parameters().size(), static_cast<long long>(o_.steps), static_cast<long long>(r_.batch),
+                static_cast<long long>(data_.size()), data_.images() ? "images" : "latents");
+    loss_log log((fs::path(o_.out) / "log.csv").string(), first);
+    progress bar(o_.steps, first, o_.log_every);
+    loop_timer timer;
     const auto params = model_.parameters();
     for (index_t step = first; step < o_.steps; ++step) {
-      const double loss = train_step(step, params);
-      if (bar.due(step)) bar.show(step, loss, aux_text(), static_cast<double>(r_.batch));
+      timer.time(timer.data, [&] { load_batch(step); });
+      const double loss = timer.time(timer.step, [&] { return train_step(step, params); });
+      if (bar.due(step))
+        timer.time(timer.report, [&] {
+          const double aux = aux_loss(), images_per_s = bar.rate(step) * static_cast<double>(r_.batch);
+          bar.show(step, loss, aux_text(aux), static_cast<double>(r_.batch));
+          log.add(step + 1, loss, aux, schedule_.lr_at(step), images_per_s);
+        });
       const bool last = step + 1 == o_.steps;
-      if ((step + 1) % o_.checkpoint_every == 0 || last) save(step + 1);
-      if ((step + 1) % o_.sample_every == 0 || last) write_pictures();
+      if ((step + 1) % o_.checkpoint_every == 0 || last) timer.time(timer.checkpoint, [&] { save(step + 1); });
+      if ((step + 1) % o_.sample_every == 0 || last) timer.time(timer.pictures, [&] { write_pictures(); });
     }
     bar.finish();
+    timer.print(o_.steps - first);
   }
 
  private:
   std::string checkpoint_path() const { return (fs::path(o_.out) / "checkpoint.safetensors").string(); }
 
-  /// One optimisation step; everything random is a function of (seed, step).
-  double train_step(index_t step, const std::vector<named_parameter<T>>& params) {
-    const index_t n = r_.batch, hw = d_.input_size * d_.input_size * d_.in_channels;
+  /// The step's batch of training samples (a function of (seed, step)) into x0_ and labels_.
+  void load_batch(index_t step) {
+    const index_t n = r_.batch, chw = d_.input_size * d_.input_size * d_.in_channels;
     labels_.resize(static_cast<std::size_t>(n));
-    pixels_.resize(static_cast<std::size_t>(n * hw));
+    pixels_.resize(static_cast<std::size_t>(n * chw));
     for (index_t i = 0; i < n; ++i) {
-      const auto k = static_cast<index_t>(rng::uniform(r_.seed, data_stream + step, i) * static_cast<double>(data_.N));
-      labels_[i] = data_.labels[k];
-      const auto img = data_.image(k);
-      for (index_t j = 0; j < hw; ++j) pixels_[i * hw + j] = static_cast<T>(img[j]) / T(127.5) - T(1);
+      const auto k = static_cast<index_t>(rng::uniform(r_.seed, data_stream + step, i) * static_cast<double>(data_.size()));
+      labels_[i] = data_.label(k);
+      data_.fill(k, pixels_.data() + i * chw);
     }
     x0_.resize({n, d_.in_channels, d_.input_size, d_.input_size});
     B_traits::copy_from_host(pixels_.data(), x0_.size(), x0_.data());
+  }
+
+  /// One optimisation step on the loaded batch; everything random is a function of (seed, step).
+  double train_step(index_t step, const std::vector<named_parameter<T>>& params) {
+    const index_t n = r_.batch;
     const auto dropped = model_.drop_labels(labels_, rng{r_.seed}, label_stream + step);
     if (r_.objective == "flow") flow_.sample(x0_, r_.seed, step, batch_);
     else ddpm_.sample(x0_, r_.seed, step, batch_);
@@ -168,24 +242,31 @@ class trainer {
     return static_cast<double>(loss);
   }
 
-  std::string aux_text() const {
+  double aux_loss() const {
+    if constexpr (Model::has_moe) return static_cast<double>(model_.aux_loss(cache_));
+    else return 0.0;
+  }
+  static std::string aux_text(double aux) {
     if constexpr (!Model::has_moe) return "";
     char buf[48];
-    std::snprintf(buf, sizeof buf, " aux %.4f", static_cast<double>(model_.aux_loss(cache_)));
+    std::snprintf(buf, sizeof buf, " aux %.4f", aux);
     return buf;
   }
 
-  /// samples.png (EMA weights, one row per class) and routing.png.
+  /// samples.png (EMA weights, one row per class; images only: latents need a decoder) and
+  /// routing.png.
   void write_pictures() {
     const auto params = model_.parameters();
     ema_.swap(params);
-    std::vector<std::int64_t> labels;
-    for (index_t k = 0; k < d_.num_classes; ++k)
-      for (index_t j = 0; j < o_.samples_per_class; ++j) labels.push_back(k);
-    const auto x = sample(model_, r_, labels, o_.cfg_scale, o_.sample_steps, r_.seed + 1);
-    const index_t n = static_cast<index_t>(labels.size()), s = d_.input_size, c = d_.in_channels;
-    const auto grid = io::image_grid(nhwc_bytes(x, n, c, s, s), n, s, s, c, o_.samples_per_class, 2, 255);
-    io::write_png((fs::path(o_.out) / "samples.png").string(), grid);
+    if (data_.images()) {
+      std::vector<std::int64_t> labels;
+      for (index_t k = 0; k < d_.num_classes; ++k)
+        for (index_t j = 0; j < o_.samples_per_class; ++j) labels.push_back(k);
+      const auto x = sample(model_, r_, labels, o_.cfg_scale, o_.sample_steps, r_.seed + 1);
+      const index_t n = static_cast<index_t>(labels.size()), s = d_.input_size, c = d_.in_channels;
+      const auto grid = io::image_grid(nhwc_bytes(x, n, c, s, s), n, s, s, c, o_.samples_per_class, 2, 255);
+      io::write_png((fs::path(o_.out) / "samples.png").string(), grid);
+    }
     if constexpr (Model::has_moe) write_routing_map();
     ema_.swap(params);
   }
@@ -203,16 +284,13 @@ class trainer {
     std::vector<std::uint8_t> cells;
     for (index_t k = 0; k < d_.num_classes; ++k) {
       std::vector<index_t> picks;
-      for (index_t i = 0; i < data_.N && static_cast<index_t>(picks.size()) < per_class; ++i)
-        if (data_.labels[i] == k) picks.push_back(i);
+      for (index_t i = 0; i < data_.size() && static_cast<index_t>(picks.size()) < per_class; ++i)
+        if (data_.label(i) == k) picks.push_back(i);
       const index_t m = static_cast<index_t>(picks.size()), hw = d_.input_size * d_.input_size * d_.in_channels;
       std::vector<index_t> votes(static_cast<std::size_t>(g * g * (r_.experts + 2)), 0);
       if (m > 0) {
         std::vector<T> px(static_cast<std::size_t>(m * hw));
-        for (index_t i = 0; i < m; ++i) {
-          const auto img = data_.image(picks[i]);
-          for (index_t j = 0; j < hw; ++j) px[i * hw + j] = static_cast<T>(img[j]) / T(127.5) - T(1);
-        }
+        for (index_t i = 0; i < m; ++i) data_.fill(picks[i], px.data() + i * hw);
         const auto x0 = tensor<T, B>::from_host(px, {m, d_.in_channels, d_.input_size, d_.input_size});
         auto batch = flow_.sample(x0, r_.seed + 2, 0);
         std::fill(batch.t.begin(), batch.t.end(), T(500));
@@ -250,7 +328,7 @@ class trainer {
   const cli_options& o_;
   run_config r_;
   dit::dit_config d_;
-  const io::labelled_images& data_;
+  const training_data& data_;
   Model model_;
   optim::adamw<T, B> adamw_;
   optim::ema<T, B> ema_;
@@ -263,11 +341,6 @@ class trainer {
   std::vector<std::int64_t> labels_;
   std::vector<T> pixels_;
 };
-
-io::labelled_images load_data(const std::string& dir) {
-  PROMOE_CHECK(fs::is_directory(dir), "--data ", dir, ": not a directory");
-  return io::load_fashion_mnist(true, dir);
-}
 
 }  // namespace
 
@@ -289,7 +362,9 @@ int main(int argc, char** argv) {
   cli.add_option("--ema-decay", r.ema_decay, "EMA decay of the weights used for sampling")->capture_default_str();
   cli.add_option("--seed", r.seed, "seed of everything random (init, data order, noise, dropout)")
       ->capture_default_str();
-  cli.add_option("--data", o.data, "folder with the IDX files (train-images-idx3-ubyte[.gz], train-labels-...)")
+  cli.add_option("--data", o.data,
+                 "training data: a folder of IDX files (train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz]), "
+                 "an image folder (<class>/<image>.png), or a .safetensors file of latents [N,C,H,W] and labels [N]")
       ->capture_default_str();
   cli.add_option("--out", o.out, "output folder: checkpoint.safetensors, samples.png, routing.png")
       ->capture_default_str();
@@ -299,13 +374,18 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   cli.add_option("--cfg-scale", o.cfg_scale, "guidance scale of the sample grids")->capture_default_str();
   cli.add_option("--sample-steps", o.sample_steps, "sampler steps of the sample grids")->capture_default_str();
+  cli.add_option("--log-every", o.log_every,
+                 "progress line and log.csv every N steps (0: every step on a terminal, every 50 otherwise)")
+      ->capture_default_str();
   cli.add_flag("--resume", o.resume, "continue from <out>/checkpoint.safetensors");
+  cli.add_flag("--overwrite", o.overwrite, "start a new run even if <out>/checkpoint.safetensors exists");
   CLI11_PARSE(cli, argc, argv);
   try {
     r.validate();
-    PROMOE_CHECK(o.steps >= 1 && o.sample_every >= 1 && o.checkpoint_every >= 1,
-                 "--steps, --sample-every and --checkpoint-every must be >= 1");
-    const auto data = load_data(o.data);
+    PROMOE_CHECK(o.steps >= 1 && o.sample_every >= 1 && o.checkpoint_every >= 1 && o.log_every >= 0,
+                 "--steps, --sample-every and --checkpoint-every must be >= 1, --log-every >= 0");
+    PROMOE_CHECK(!(o.resume && o.overwrite), "--resume and --overwrite exclude each other");
+    const auto data = training_data::load(o.data, dit::preset(r.preset));
     with_model_type(r, [&]<class Model>() {
       trainer<Model> t(o, data);
       t.run();

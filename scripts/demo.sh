@@ -2,7 +2,8 @@
 # shellcheck source-path=SCRIPTDIR
 # Installs what is missing, builds train_dit and trains a small ProMoE-DiT on Fashion-MNIST
 # for a few minutes on the CPU. Writes out/checkpoint.safetensors, out/samples.png (one row
-# per class) and out/routing.png. Arguments are passed on to train_dit (e.g. --steps 3000).
+# per class), out/routing.png and out/log.csv. Arguments are passed on to train_dit (e.g.
+# --steps 3000, or --steps 1600 --resume to continue the last demo).
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -16,5 +17,8 @@ promoe_configure "$repo"
 cmake --build "$PROMOE_BUILD_DIR" --target train_dit sample_dit -j"$PROMOE_JOBS"
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-passive}"
 cd "$repo"
+# A new run replaces the last demo's output, unless the arguments ask to --resume it.
+fresh=(--overwrite)
+for arg in "$@"; do [[ "$arg" == --resume ]] && fresh=(); done
 exec "$PROMOE_BUILD_DIR/examples/train_dit" --preset mini-28 --mlp promoe --steps 800 --batch 64 \
-  --sample-every 800 --checkpoint-every 200 --out out "$@"
+  --sample-every 800 --checkpoint-every 200 --out out "${fresh[@]}" "$@"

@@ -3,7 +3,8 @@
 /// \brief promoe::io data files: IDX (plain and gzip; every corruption an error naming the
 /// file), Fashion-MNIST when installed, the PNG encoder (decoded back by stb_image, chunk
 /// structure and CRCs checked independently) and the validating PNG reader, image_grid, .npz
-/// archives (read back, and by NumPy when it is available), and image-folder datasets.
+/// archives (read back, and by NumPy when it is available), image-folder datasets and latent
+/// sets from safetensors.
 
 #include <algorithm>
 #include <array>
@@ -33,6 +34,7 @@
 #include <promoe/io/atomic_file.hpp>
 #include <promoe/io/idx.hpp>
 #include <promoe/io/image_folder.hpp>
+#include <promoe/io/latents.hpp>
 #include <promoe/io/npz.hpp>
 #include <promoe/io/png.hpp>
 
@@ -1121,4 +1123,61 @@ TEST_CASE("atomic_file: read_file_bytes and write_file_atomically", "[io][atomic
   CHECK_THROWS_WITH(io::write_file_atomically(dir.file("d"), "who", as_bytes(content)),
                     Contains("cannot move the temporary file"));
   CHECK(dir.entries() == std::vector<std::string>{"d", "f.bin"});
+}
+
+TEST_CASE("latents: a labelled latent set from safetensors, and its errors", "[io][latents]") {
+  temp_dir dir("latents");
+  const std::int64_t N = 3, C = 4, H = 2, W = 5;
+  std::vector<double> values(static_cast<std::size_t>(N * C * H * W));
+  for (std::size_t i = 0; i < values.size(); ++i) values[i] = 0.25 * static_cast<double>(i) - 7.0;
+  const std::vector<std::int32_t> labels{2, 0, 9};
+  const auto write = [&](const std::string& name, auto&& edit) {
+    io::safetensors_writer w;
+    edit(w);
+    w.write(dir.file(name));
+    return dir.file(name);
+  };
+  const auto good = write("good.safetensors", [&](io::safetensors_writer& w) {
+    w.add("latents", {N, C, H, W}, values);
+    w.add("labels", {N}, labels);
+  });
+  const io::labelled_latents set = io::load_latents(good);
+  CHECK(set.N == N);
+  CHECK(set.C == C);
+  CHECK(set.H == H);
+  CHECK(set.W == W);
+  CHECK(set.labels == std::vector<std::int64_t>{2, 0, 9});
+  const auto s1 = set.sample(1);
+  REQUIRE(s1.size() == static_cast<std::size_t>(C * H * W));
+  for (std::size_t j = 0; j < s1.size(); ++j) CHECK(s1[j] == static_cast<float>(values[C * H * W + j]));
+  CHECK_THROWS_WITH(set.sample(3), Contains("index 3 out of range"));
+
+  const auto bad = [&](const std::string& name, auto&& edit, const std::string& message) {
+    const auto path = write(name, edit);
+    CHECK_THROWS_WITH(io::load_latents(path), Contains(name) && Contains(message));
+  };
+  bad("no_labels.safetensors", [&](io::safetensors_writer& w) { w.add("latents", {N, C, H, W}, values); },
+      "'labels'");
+  bad("rank.safetensors", [&](io::safetensors_writer& w) {
+    w.add("latents", {N, C * H * W}, values);
+    w.add("labels", {N}, labels);
+  }, "expected [N, C, H, W]");
+  bad("count.safetensors", [&](io::safetensors_writer& w) {
+    w.add("latents", {N, C, H, W}, values);
+    w.add("labels", {2}, std::vector<std::int32_t>{0, 1});
+  }, "expected [3] (one per latent)");
+  bad("negative.safetensors", [&](io::safetensors_writer& w) {
+    w.add("latents", {N, C, H, W}, values);
+    w.add("labels", {N}, std::vector<std::int32_t>{0, -1, 2});
+  }, "holds -1 at index 1");
+  auto nan = values;
+  nan[static_cast<std::size_t>(2 * C * H * W + 6)] = std::nan("");
+  bad("nan.safetensors", [&](io::safetensors_writer& w) {
+    w.add("latents", {N, C, H, W}, nan);
+    w.add("labels", {N}, labels);
+  }, "at sample 2, element 6");
+  bad("text_labels.safetensors", [&](io::safetensors_writer& w) {
+    w.add("latents", {N, C, H, W}, values);
+    w.add("labels", {N}, std::vector<float>{0, 1, 2});
+  }, "'labels' has dtype F32");
 }

@@ -652,7 +652,7 @@ inline void check_layout(const std::map<std::string, tensor_entry>& tensors, std
       fail(what, ": tensor '", name, "': data_offsets [", e.begin, ", ", e.end, "] have begin > end");
     if (e.end > buffer_size)
       fail(what, ": tensor '", name, "': data_offsets [", e.begin, ", ", e.end, "] run past the end of the ",
-           buffer_size, "-byte buffer");
+           buffer_size, "-byte buffer (truncated file?)");
     if (e.end - e.begin != *bytes)
       fail(what, ": tensor '", name, "': data_offsets [", e.begin, ", ", e.end, "] span ", e.end - e.begin,
            " bytes, but shape ", ::promoe::detail::shape_string(e.shape), " of ", dtype_name(e.type), " needs ",
