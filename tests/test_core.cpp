@@ -20,6 +20,7 @@
 #include <promoe/backend/ops.hpp>
 #include <promoe/backend/tensor.hpp>
 #include <promoe/core/error.hpp>
+#include <promoe/core/fast_math.hpp>
 #include <promoe/core/rng.hpp>
 
 #include "backends.hpp"
@@ -84,6 +85,32 @@ promoe::philox4x32::block philox_words(std::uint32_t c0, std::uint32_t c1, std::
 }
 
 }  // namespace
+
+TEST_CASE("exp_fast: within 2 ulp of exp on [-87, 88], saturating outside, NaN stays NaN", "[core][math]") {
+  // every 97th float in the range, plus the ends and zero
+  double worst_ulp = 0;
+  const auto check = [&](float x) {
+    const double exact = std::exp(static_cast<double>(x));
+    const float got = promoe::exp_fast(x);
+    const double ulp = std::nextafter(static_cast<float>(exact), std::numeric_limits<float>::infinity()) -
+                       static_cast<float>(exact);
+    worst_ulp = std::max(worst_ulp, std::abs(static_cast<double>(got) - exact) / ulp);
+  };
+  for (float x = -87.0f; x < 88.0f; x = std::nextafter(x, 100.0f)) {
+    check(x);
+    for (int skip = 0; skip < 96 && x < 88.0f; ++skip) x = std::nextafter(x, 100.0f);
+  }
+  for (float x : {-87.0f, -1e-30f, 0.0f, 1e-30f, 1.0f, 88.0f}) check(x);
+  CHECK(worst_ulp <= 2.0);
+  CHECK(promoe::exp_fast(0.0f) == 1.0f);
+  CHECK(promoe::exp_fast(-1000.0f) >= 0.0f);
+  CHECK(promoe::exp_fast(-1000.0f) < 1e-37f);
+  CHECK(std::isfinite(promoe::exp_fast(1000.0f)));
+  CHECK(promoe::exp_fast(1000.0f) > 1e38f);
+  CHECK(std::isnan(promoe::exp_fast(std::numeric_limits<float>::quiet_NaN())));
+  // double goes to std::exp
+  CHECK(promoe::fast_exp(0.5) == std::exp(0.5));
+}
 
 TEST_CASE("Philox4x32-10 matches the Random123 known-answer vectors", "[core][rng]") {
   struct kat {

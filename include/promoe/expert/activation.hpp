@@ -12,6 +12,7 @@
 #include <concepts>
 
 #include "../core/config.hpp"
+#include "../core/fast_math.hpp"
 
 namespace promoe::act {
 
@@ -21,9 +22,8 @@ struct gelu_tanh {
   /// and several times faster than tanh in libm.
   template <class T>
   PROMOE_HOST_DEVICE static T one_plus_tanh(T x) {
-    using std::exp;
     const T c = T(0.7978845608028654);  // sqrt(2 / pi)
-    return T(2) / (T(1) + exp(T(-2) * c * (x + T(0.044715) * x * x * x)));
+    return T(2) / (T(1) + fast_exp(T(-2) * c * (x + T(0.044715) * x * x * x)));
   }
   template <class T>
   PROMOE_HOST_DEVICE static T value(T x) {
@@ -56,13 +56,11 @@ struct silu {
   static constexpr const char* name = "silu";
   template <class T>
   PROMOE_HOST_DEVICE static T value(T x) {
-    using std::exp;
-    return x / (T(1) + exp(-x));
+    return x / (T(1) + fast_exp(-x));
   }
   template <class T>
   PROMOE_HOST_DEVICE static T derivative(T x) {
-    using std::exp;
-    const T s = T(1) / (T(1) + exp(-x));
+    const T s = T(1) / (T(1) + fast_exp(-x));
     return s * (T(1) + x * (T(1) - s));
   }
 };

@@ -18,6 +18,7 @@
 #include "../backend/ops.hpp"
 #include "../backend/tensor.hpp"
 #include "../core/error.hpp"
+#include "../core/fast_math.hpp"
 #include "../core/rng.hpp"
 #include "../core/view.hpp"
 #include "linear.hpp"
@@ -33,16 +34,12 @@ struct softmax_rows_functor {
   index_t n;
 
   PROMOE_HOST_DEVICE void operator()(index_t r) const {
-    using std::exp;
     T* row = p + r * n;
     T m = row[0];
     for (index_t j = 1; j < n; ++j) m = row[j] > m ? row[j] : m;
+    for (index_t j = 0; j < n; ++j) row[j] = fast_exp(row[j] - m);  // vectorises
     T s = T(0);
-    for (index_t j = 0; j < n; ++j) {
-      const T e = exp(row[j] - m);
-      row[j] = e;
-      s += e;
-    }
+    for (index_t j = 0; j < n; ++j) s += row[j];
     const T inv = T(1) / s;
     for (index_t j = 0; j < n; ++j) row[j] *= inv;
   }

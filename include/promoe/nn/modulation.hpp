@@ -21,7 +21,7 @@ namespace promoe::nn {
 
 namespace detail {
 
-/// Element idx = row * d + col: y = x * (1 + scale[sample]) + shift[sample].
+/// Row r (one per call, so the column loop vectorises): y = x * (1 + scale[sample]) + shift[sample].
 template <class T>
 struct modulate_forward_functor {
   const T* x;  // [S * tokens, d], leading dimension ldx
@@ -34,9 +34,13 @@ struct modulate_forward_functor {
   index_t ldy;
   index_t d, tokens;
 
-  PROMOE_HOST_DEVICE void operator()(index_t idx) const {
-    const index_t r = idx / d, j = idx % d, s = r / tokens;
-    y[r * ldy + j] = x[r * ldx + j] * (T(1) + scale[s * ldsc + j]) + shift[s * ldsh + j];
+  PROMOE_HOST_DEVICE void operator()(index_t r) const {
+    const index_t s = r / tokens;
+    const T* xr = x + r * ldx;
+    const T* sc = scale + s * ldsc;
+    const T* sh = shift + s * ldsh;
+    T* yr = y + r * ldy;
+    for (index_t j = 0; j < d; ++j) yr[j] = xr[j] * (T(1) + sc[j]) + sh[j];
   }
 };
 
@@ -74,7 +78,7 @@ struct modulate_backward_functor {
   }
 };
 
-/// Element idx = row * d + col: out = x + gate[sample] * h.
+/// Row r (one per call, so the column loop vectorises): out = x + gate[sample] * h.
 template <class T>
 struct gated_residual_forward_functor {
   const T* x;  // [S * tokens, d], leading dimension ldx
@@ -87,9 +91,13 @@ struct gated_residual_forward_functor {
   index_t ldo;
   index_t d, tokens;
 
-  PROMOE_HOST_DEVICE void operator()(index_t idx) const {
-    const index_t r = idx / d, j = idx % d, s = r / tokens;
-    out[r * ldo + j] = x[r * ldx + j] + gate[s * ldg + j] * h[r * ldh + j];
+  PROMOE_HOST_DEVICE void operator()(index_t r) const {
+    const index_t s = r / tokens;
+    const T* xr = x + r * ldx;
+    const T* g = gate + s * ldg;
+    const T* hr = h + r * ldh;
+    T* o = out + r * ldo;
+    for (index_t j = 0; j < d; ++j) o[j] = xr[j] + g[j] * hr[j];
   }
 };
 
@@ -151,7 +159,7 @@ struct modulate {
     detail::check_token_rows(fn, "scale", scale, shift.rows, d);
     detail::check_token_rows(fn, "y", y, x.rows, d);
     if (x.rows == 0 || d == 0) return;
-    backend_traits<B>::parallel_for(x.rows * d, detail::modulate_forward_functor<T>{x.data, x.ld, shift.data, shift.ld,
+    backend_traits<B>::parallel_for(x.rows, detail::modulate_forward_functor<T>{x.data, x.ld, shift.data, shift.ld,
                                                                                     scale.data, scale.ld, y.data, y.ld,
                                                                                     d, tokens});
   }
@@ -197,7 +205,7 @@ struct gated_residual {
     detail::check_token_rows(fn, "x", x, h.rows, d);
     detail::check_token_rows(fn, "out", out, h.rows, d);
     if (h.rows == 0 || d == 0) return;
-    backend_traits<B>::parallel_for(h.rows * d, detail::gated_residual_forward_functor<T>{x.data, x.ld, gate.data,
+    backend_traits<B>::parallel_for(h.rows, detail::gated_residual_forward_functor<T>{x.data, x.ld, gate.data,
                                                                                           gate.ld, h.data, h.ld,
                                                                                           out.data, out.ld, d, tokens});
   }
