@@ -12,6 +12,7 @@
 ///   5. the auxiliary losses read the router's logits and the plan.
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <span>
@@ -112,7 +113,15 @@ class moe_layer<Router, Expert, losses<L...>, B, T, SharedExpert> {
     std::array<T, num_losses> loss_values{};
     // backward workspaces
     tensor<T, B> dyp, dxp, scratch, dgate, ones;
+    // the experts' work as tasks: forward row tiles {expert, first row, rows}, backward
+    // experts by decreasing rows
+    std::vector<std::array<index_t, 3>> tiles;
+    std::vector<index_t> expert_order;
   };
+
+  /// Rows per forward task: small enough to spread the experts over the threads, large
+  /// enough for efficient GEMMs.
+  static constexpr index_t tile_rows = 256;
 
   moe_layer(const config& cfg, rng& gen) : cfg_(checked(cfg)), router_(cfg.router, router_layout_of(cfg), gen),
         experts_(cfg.routed_experts + cfg.unconditional_experts, cfg.dim, cfg.expert_hidden),
@@ -188,14 +197,20 @@ class moe_layer<Router, Expert, losses<L...>, B, T, SharedExpert> {
       c.ones.fill(T(1));
     }
     routing::combine_backward<B>(c.plan, dy, c.yp.cmatrix(), c.dyp.matrix(), c.dgate.data());
+    // One task per expert (each writes only its own gradients and rows), largest first.
     const index_t cw = Expert::cache_width(h), sw = Expert::scratch_width(h);
-    for (index_t e = 0; e < experts_.count(); ++e) {
+    c.expert_order.clear();
+    for (index_t e = 0; e < experts_.count(); ++e)
+      if (c.plan.expert_rows(e) > 0) c.expert_order.push_back(e);
+    std::stable_sort(c.expert_order.begin(), c.expert_order.end(),
+                     [&](index_t a, index_t b) { return c.plan.expert_rows(a) > c.plan.expert_rows(b); });
+    traits::parallel_tasks(static_cast<index_t>(c.expert_order.size()), [&](index_t i) {
+      const index_t e = c.expert_order[static_cast<std::size_t>(i)];
       const index_t first = c.plan.host_offsets[e], m = c.plan.expert_rows(e);
-      if (m == 0) continue;
       experts_.backward(e, c.xp.cmatrix().row_block(first, m), const_matrix_view<T>{c.act.data(), rows, cw}.row_block(first, m),
                         c.dyp.cmatrix().row_block(first, m), c.dxp.matrix().row_block(first, m), false,
-                        matrix_view<T>{c.scratch.data(), m, sw}, c.ones.data());
-    }
+                        matrix_view<T>{c.scratch.data() + first * sw, m, sw}, c.ones.data());
+    });
     routing::scatter_rows<B>(c.plan, c.dxp.cmatrix(), dx, false);
     const index_t scw = SharedExpert::cache_width(hs), ssw = SharedExpert::scratch_width(hs);
     for (index_t s = 0; s < shared_.count(); ++s)
@@ -344,12 +359,18 @@ class moe_layer<Router, Expert, losses<L...>, B, T, SharedExpert> {
     c.act.resize({rows, cw});
     c.yp.resize({rows, d});
     routing::gather<B>(c.plan, in.x, c.xp.matrix());
+    // Row tiles of the experts as independent tasks (rows are independent in the forward).
+    c.tiles.clear();
     for (index_t e = 0; e < experts_.count(); ++e) {
-      const index_t first = c.plan.host_offsets[e], m = c.plan.expert_rows(e);
-      if (m == 0) continue;
+      const index_t end = c.plan.host_offsets[e] + c.plan.expert_rows(e);
+      for (index_t first = c.plan.host_offsets[e]; first < end; first += tile_rows)
+        c.tiles.push_back({e, first, std::min(tile_rows, end - first)});
+    }
+    traits::parallel_tasks(static_cast<index_t>(c.tiles.size()), [&](index_t i) {
+      const auto [e, first, m] = c.tiles[static_cast<std::size_t>(i)];
       experts_.forward(e, c.xp.cmatrix().row_block(first, m), c.act.matrix().row_block(first, m),
                        c.yp.matrix().row_block(first, m), false);
-    }
+    });
     routing::combine<B>(c.plan, c.yp.cmatrix(), y, false);
     run_shared(in.x, c, y);
     if constexpr (num_losses > 0) {

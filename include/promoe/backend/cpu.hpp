@@ -7,7 +7,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <vector>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 #include <Eigen/Core>
 
@@ -30,17 +35,42 @@ struct backend_traits<backend::cpu> {
   template <class T>
   static const T* raw(const buffer<T>& b) { return b.data(); }
 
-  /// f(i) for every i in [0, n); short loops stay serial (detail::serial_below).
+  /// f(i) for every i in [0, n); short loops, and loops inside a task, stay serial.
   template <class F>
   static void parallel_for(index_t n, F f) {
 #if defined(_OPENMP)
-    if (n >= detail::serial_below) {
+    if (n >= detail::serial_below && !omp_in_parallel()) {
 #pragma omp parallel for schedule(static)
       for (index_t i = 0; i < n; ++i) f(i);
       return;
     }
 #endif
     for (index_t i = 0; i < n; ++i) f(i);
+  }
+
+  /// task(i) for every i in [0, n), spread over the threads (dynamic schedule, so list the
+  /// largest tasks first). Inside a task everything runs on its thread: Eigen's GEMM and
+  /// parallel_for see the enclosing parallel region and stay serial. The first exception a
+  /// task throws is rethrown here once all tasks are done.
+  template <class F>
+  static void parallel_tasks(index_t n, F&& task) {
+#if defined(_OPENMP)
+    if (n > 1 && !omp_in_parallel() && omp_get_max_threads() > 1) {
+      std::exception_ptr error;
+#pragma omp parallel for schedule(dynamic, 1)
+      for (index_t i = 0; i < n; ++i) {
+        try {
+          task(i);
+        } catch (...) {
+#pragma omp critical(promoe_parallel_tasks)
+          if (!error) error = std::current_exception();
+        }
+      }
+      if (error) std::rethrow_exception(error);
+      return;
+    }
+#endif
+    for (index_t i = 0; i < n; ++i) task(i);
   }
 
   template <class T>

@@ -109,6 +109,13 @@ struct backend_traits<backend::thrust> {
     ::thrust::for_each_n(::thrust::device, ::thrust::counting_iterator<index_t>(0), n, f);
   }
 
+  /// task(i) for every i in [0, n), one after another: each task's own operations are the
+  /// parallel ones on a device.
+  template <class F>
+  static void parallel_tasks(index_t n, F&& task) {
+    for (index_t i = 0; i < n; ++i) task(i);
+  }
+
   template <class T>
   static void gemm(transpose ta, transpose tb, index_t m, index_t n, index_t k, T alpha, const T* a,
                    index_t lda, const T* b, index_t ldb, T beta, T* c, index_t ldc) {
