@@ -225,16 +225,16 @@ class trainer {
   /// One optimisation step on the loaded batch; everything random is a function of (seed, step).
   double train_step(index_t step, const std::vector<named_parameter<T>>& params) {
     const index_t n = r_.batch;
-    const auto dropped = model_.drop_labels(labels_, rng{r_.seed}, label_stream + step);
+    model_.drop_labels(labels_, rng{r_.seed}, label_stream + step, dropped_);
     if (r_.objective == "flow") flow_.sample(x0_, r_.seed, step, batch_);
     else ddpm_.sample(x0_, r_.seed, step, batch_);
     out_.resize({n, d_.out_channels(), d_.input_size, d_.input_size});
-    model_.forward(batch_.x_t.matrix(), batch_.t, dropped, out_.matrix(), cache_);
+    model_.forward(batch_.x_t.matrix(), batch_.t, dropped_, out_.matrix(), cache_);
     const T loss = r_.objective == "flow" ? flow_.loss_and_grad(out_, batch_, dout_)
                                           : ddpm_.loss_and_grad(out_, batch_, dout_);
     model_.zero_grad();
     model_.backward(dout_.matrix(), cache_);
-    optim::clip_grad_norm<T, B>(params, r_.clip);
+    optim::clip_grad_norm<T, B>(params, r_.clip, clip_workspace_);
     adamw_.step(schedule_.lr_at(step));
     // EMA with a warm-up (min(decay, (1 + step) / (10 + step))): a short run's EMA is not
     // dominated by the initial weights (DiT's zero-initialised output layer).
@@ -338,7 +338,8 @@ class trainer {
   typename Model::cache cache_;
   dit::training_batch<T, B> batch_;
   tensor<T, B> x0_, out_, dout_;
-  std::vector<std::int64_t> labels_;
+  std::vector<std::int64_t> labels_, dropped_;
+  optim::grad_norm_workspace<B> clip_workspace_;
   std::vector<T> pixels_;
 };
 

@@ -15,10 +15,9 @@ source "$repo/scripts/lib/configure.sh"
 promoe_ensure_deps
 promoe_configure "$repo"
 cmake --build "$PROMOE_BUILD_DIR" --target train_dit sample_dit -j"$PROMOE_JOBS"
-export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-passive}"
 cd "$repo"
 # A new run replaces the last demo's output, unless the arguments ask to --resume it.
 fresh=(--overwrite)
 for arg in "$@"; do [[ "$arg" == --resume ]] && fresh=(); done
-exec "$PROMOE_BUILD_DIR/examples/train_dit" --preset mini-28 --mlp promoe --steps 800 --batch 64 \
-  --sample-every 800 --checkpoint-every 200 --out out "${fresh[@]}" "$@"
+exec "$PROMOE_BUILD_DIR/examples/train_dit" --preset mini-28 --mlp promoe --steps 1600 --batch 64 \
+  --sample-every 1600 --checkpoint-every 400 --out out "${fresh[@]}" "$@"

@@ -202,8 +202,10 @@ class moe_layer<Router, Expert, losses<L...>, B, T, SharedExpert> {
     c.expert_order.clear();
     for (index_t e = 0; e < experts_.count(); ++e)
       if (c.plan.expert_rows(e) > 0) c.expert_order.push_back(e);
-    std::stable_sort(c.expert_order.begin(), c.expert_order.end(),
-                     [&](index_t a, index_t b) { return c.plan.expert_rows(a) > c.plan.expert_rows(b); });
+    std::sort(c.expert_order.begin(), c.expert_order.end(), [&](index_t a, index_t b) {
+      const index_t ra = c.plan.expert_rows(a), rb = c.plan.expert_rows(b);
+      return ra != rb ? ra > rb : a < b;
+    });
     traits::parallel_tasks(static_cast<index_t>(c.expert_order.size()), [&](index_t i) {
       const index_t e = c.expert_order[static_cast<std::size_t>(i)];
       const index_t first = c.plan.host_offsets[e], m = c.plan.expert_rows(e);

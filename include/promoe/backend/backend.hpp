@@ -47,6 +47,9 @@ namespace detail {
 struct probe_functor {
   PROMOE_HOST_DEVICE void operator()(index_t) const {}
 };
+struct probe_task {
+  void operator()(index_t) const {}
+};
 }  // namespace detail
 
 /// The buffer type of backend B for T (thrust::device_vector, std::vector, ...).
@@ -62,7 +65,7 @@ concept Backend = requires(index_t n, float* f, const float* cf, double* d, cons
   // run f(i) for i in [0, n), in any order, possibly concurrently
   backend_traits<B>::parallel_for(n, detail::probe_functor{});
   // run host-side tasks task(i), i in [0, n), possibly on several threads
-  backend_traits<B>::parallel_tasks(n, [](index_t) {});
+  backend_traits<B>::parallel_tasks(n, detail::probe_task{});
   // C = alpha op(A) op(B) + beta C, row-major
   backend_traits<B>::gemm(transpose::no, transpose::no, n, n, n, 1.0f, cf, n, cf, n, 0.0f, f, n);
   backend_traits<B>::gemm(transpose::no, transpose::no, n, n, n, 1.0, cd, n, cd, n, 0.0, d, n);

@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <functional>
+#include <initializer_list>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -35,16 +36,9 @@ class tensor {
     return t;
   }
 
-  void resize(std::vector<index_t> shape) {
-    index_t n = 1;
-    for (index_t d : shape) {
-      PROMOE_CHECK(d >= 0, "tensor::resize: negative dimension in shape ", detail::shape_string(shape));
-      n *= d;
-    }
-    shape_ = std::move(shape);
-    size_ = n;
-    if (static_cast<index_t>(buf_.size()) < n) buf_.resize(static_cast<std::size_t>(n));
-  }
+  /// New shape; keeps the allocation (and allocates nothing) when the size does not grow.
+  void resize(std::initializer_list<index_t> shape) { resize_(shape.begin(), shape.end()); }
+  void resize(const std::vector<index_t>& shape) { resize_(shape.begin(), shape.end()); }
 
   T* data() { return size_ ? traits::raw(buf_) : nullptr; }
   const T* data() const { return size_ ? traits::raw(buf_) : nullptr; }
@@ -62,12 +56,30 @@ class tensor {
   const_matrix_view<T> cmatrix() const { return matrix(); }
 
   std::vector<T> to_host() const {
-    std::vector<T> out(static_cast<std::size_t>(size_));
-    traits::copy_to_host(data(), size_, out.data());
+    std::vector<T> out;
+    to_host(out);
     return out;
+  }
+  /// Into `out` (resized; no allocation once it has the capacity).
+  void to_host(std::vector<T>& out) const {
+    out.resize(static_cast<std::size_t>(size_));
+    traits::copy_to_host(data(), size_, out.data());
   }
 
  private:
+  template <class It>
+  void resize_(It first, It last) {
+    index_t n = 1;
+    for (It d = first; d != last; ++d) {
+      PROMOE_CHECK(*d >= 0, "tensor::resize: negative dimension in shape ",
+                   detail::shape_string(std::vector<index_t>(first, last)));
+      n *= *d;
+    }
+    shape_.assign(first, last);  // within capacity: no allocation
+    size_ = n;
+    if (static_cast<index_t>(buf_.size()) < n) buf_.resize(static_cast<std::size_t>(n));
+  }
+
   index_t rows_() const { return shape_.empty() ? 1 : shape_[0]; }
   index_t cols_() const {
     index_t c = 1;

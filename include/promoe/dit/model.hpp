@@ -16,6 +16,7 @@
 #include <span>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../backend/ops.hpp"
@@ -141,6 +142,11 @@ class dit_model {
                                         std::uint64_t stream) const {
     return nn::drop_labels(labels, cfg_.num_classes, cfg_.class_dropout_prob, gen, stream);
   }
+  /// The same into `out` (no allocation once it has the capacity).
+  void drop_labels(std::span<const std::int64_t> labels, const rng& gen, std::uint64_t stream,
+                   std::vector<std::int64_t>& out) const {
+    nn::drop_labels(labels, cfg_.num_classes, cfg_.class_dropout_prob, gen, stream, out);
+  }
 
   /// Training forward: out [N, C_out*H*W] = DiT(x [N, C*H*W], t [N] (host, model time),
   /// labels [N] (host)). Labels are used as given (drop them first with drop_labels); the
@@ -174,8 +180,8 @@ class dit_model {
                  out.cols, "], expected [", n, ", ", cfg_.output_size(), "]");
     c.samples = n;
     c.labels.assign(labels.begin(), labels.end());
-    const std::vector<T> t_host(t.begin(), t.end());
-    c.t = tensor<T, B>::from_host(t_host, {n});
+    c.t.resize({n});
+    traits::copy_from_host(t.data(), n, c.t.data());
     // embeddings
     c.xs.resize(static_cast<std::size_t>(cfg_.depth + 1));
     for (auto& xi : c.xs) xi.resize({rows, d});
@@ -265,8 +271,12 @@ class dit_model {
     return out;
   }
 
+  /// Clears every gradient. The gradient buffers are listed once (the model is move-only and
+  /// its buffers never move), so this allocates nothing after the first call.
   void zero_grad() {
-    for (auto& p : parameters()) traits::fill(p.grad, p.size(), T(0));
+    if (grads_.empty())
+      for (auto& p : parameters()) grads_.push_back({p.grad, p.size()});
+    for (const auto& [g, n] : grads_) traits::fill(g, n, T(0));
   }
 
  private:
@@ -377,6 +387,7 @@ class dit_model {
   nn::timestep_embedder<T, B> t_embedder_;
   nn::label_embedder<T, B> y_embedder_;
   std::vector<block> blocks_;
+  std::vector<std::pair<T*, index_t>> grads_;  ///< zero_grad's list
   nn::final_layer<T, B> final_;
 };
 

@@ -142,6 +142,7 @@ struct training_batch {
   /// Scratch of the objectives (per-sample coefficients, squared errors); reused across
   /// steps so the hot path does not allocate. Not for concurrent use.
   mutable tensor<double, B> scratch;
+  std::vector<double> coef;  ///< [2N] host staging of the noising coefficients
 };
 
 namespace detail {
@@ -245,7 +246,8 @@ struct rectified_flow {
   void sample(const tensor<T, B>& x0, std::uint64_t seed, std::uint64_t step, training_batch<T, B>& batch) const {
     detail::check_image_batch("rectified_flow::sample", "x0", x0);
     const index_t n = x0.dim(0);
-    std::vector<double> coef(static_cast<std::size_t>(2 * n));
+    auto& coef = batch.coef;
+    coef.resize(static_cast<std::size_t>(2 * n));
     batch.t.resize(static_cast<std::size_t>(n));
     batch.sigma.resize(static_cast<std::size_t>(n));
     batch.timestep.clear();
@@ -389,7 +391,8 @@ class ddpm {
     detail::check_image_batch("ddpm::sample", "x0", x0);
     const index_t n = x0.dim(0);
     const index_t steps = num_steps();
-    std::vector<double> coef(static_cast<std::size_t>(2 * n));
+    auto& coef = batch.coef;
+    coef.resize(static_cast<std::size_t>(2 * n));
     batch.t.resize(static_cast<std::size_t>(n));
     batch.sigma.resize(static_cast<std::size_t>(n));
     batch.timestep.resize(static_cast<std::size_t>(n));

@@ -48,6 +48,7 @@ struct load_balance {
       tensor<T, B> mean;   ///< [E] P_e
       tensor<T, B> g;      ///< [E] gradient coefficients
       std::vector<double> f;  ///< [E] dispatch fractions (host)
+      std::vector<T> mean_host, g_host;
     };
 
     impl(const options& o, const router_layout&) : opt_(o) {}
@@ -62,7 +63,8 @@ struct load_balance {
       traits::parallel_for(e, detail::column_mean_functor<T>{c.probs.data(), n, e, c.mean.data()});
       double total = 0;
       for (index_t x = 0; x < e; ++x) total += static_cast<double>(in.plan->expert_rows(x));
-      const auto mean = c.mean.to_host();
+      c.mean.to_host(c.mean_host);
+      const auto& mean = c.mean_host;
       double value = 0;
       for (index_t x = 0; x < e; ++x) {
         c.f[x] = total > 0 ? static_cast<double>(in.plan->expert_rows(x)) / total : 0.0;
@@ -74,7 +76,8 @@ struct load_balance {
     void backward(const loss_input<T, B>& in, cache& c) const {
       const index_t n = in.tokens, e = in.experts;
       if (n == 0) return;
-      std::vector<T> g(static_cast<std::size_t>(e));
+      auto& g = c.g_host;
+      g.resize(static_cast<std::size_t>(e));
       for (index_t x = 0; x < e; ++x) g[x] = static_cast<T>(opt_.weight * e * c.f[x] / static_cast<double>(n));
       c.g.resize({e});
       traits::copy_from_host(g.data(), e, c.g.data());

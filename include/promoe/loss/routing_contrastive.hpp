@@ -82,6 +82,9 @@ struct routing_contrastive {
       std::vector<double> pn, mn;     ///< [a, D] normalised prototypes and centroids of the active experts
       std::vector<double> pnorm, mnorm;
       std::vector<double> softmax;    ///< [a, a] softmax of the logits rows
+      // host workspaces, kept so that a steady batch stops allocating
+      std::vector<T> assign_host, sums_host, prototypes_host, dprot_host, dsums_host;
+      std::vector<double> v, dpn, dmn;
       index_t dim = 0;
     };
 
@@ -105,21 +108,25 @@ struct routing_contrastive {
       c.sums.resize({e, d});
       ops::gemm<B, T>(c.assign.cmatrix(), transpose::yes, in.x, transpose::no, c.sums.matrix());
       // The E x E part is tiny: on the host, in double.
-      const auto a_host = c.assign.to_host();
+      c.assign.to_host(c.assign_host);
+      const auto& a_host = c.assign_host;
       for (index_t t = 0; t < n; ++t)
         for (index_t x = 0; x < e; ++x) c.count[x] += static_cast<double>(a_host[t * e + x]);
       for (index_t x = 0; x < e; ++x)
         if (c.count[x] > 0) c.active.push_back(x);
       const index_t a = static_cast<index_t>(c.active.size());
       if (a < 2) return T(0);
-      std::vector<T> sums_t(static_cast<std::size_t>(e * d)), prot_t(static_cast<std::size_t>(e * d));
-      traits::copy_to_host(c.sums.data(), e * d, sums_t.data());
+      auto& sums_t = c.sums_host;
+      auto& prot_t = c.prototypes_host;
+      c.sums.to_host(sums_t);
+      prot_t.resize(static_cast<std::size_t>(e * d));
       traits::copy_to_host(in.prototypes, e * d, prot_t.data());
       c.pn.assign(static_cast<std::size_t>(a * d), 0.0);
       c.mn.assign(static_cast<std::size_t>(a * d), 0.0);
       c.pnorm.assign(static_cast<std::size_t>(a), 0.0);
       c.mnorm.assign(static_cast<std::size_t>(a), 0.0);
-      std::vector<double> v(static_cast<std::size_t>(d));
+      auto& v = c.v;
+      v.resize(static_cast<std::size_t>(d));
       for (index_t i = 0; i < a; ++i) {
         const index_t x = c.active[i];
         for (index_t j = 0; j < d; ++j) v[j] = static_cast<double>(prot_t[x * d + j]);
@@ -153,7 +160,10 @@ struct routing_contrastive {
       PROMOE_CHECK(in.dx != nullptr && in.dprototypes != nullptr,
                    "loss::routing_contrastive: backward needs token and prototype gradients");
       // dL/dlogit[i, j] = weight / a * (softmax[i, j] - [i == j]); logit = pn_i . mn_j / tau
-      std::vector<double> dpn(static_cast<std::size_t>(a * d), 0.0), dmn(static_cast<std::size_t>(a * d), 0.0);
+      auto& dpn = c.dpn;
+      auto& dmn = c.dmn;
+      dpn.assign(static_cast<std::size_t>(a * d), 0.0);
+      dmn.assign(static_cast<std::size_t>(a * d), 0.0);
       const double scale = opt_.weight / static_cast<double>(a) / opt_.temperature;
       for (index_t i = 0; i < a; ++i)
         for (index_t j = 0; j < a; ++j) {
@@ -163,8 +173,12 @@ struct routing_contrastive {
             dmn[j * d + q] += g * c.pn[i * d + q];
           }
         }
-      std::vector<T> dprot(static_cast<std::size_t>(e * d), T(0)), dsums(static_cast<std::size_t>(e * d), T(0));
-      std::vector<double> tmp(static_cast<std::size_t>(d));
+      auto& dprot = c.dprot_host;
+      auto& dsums = c.dsums_host;
+      dprot.assign(static_cast<std::size_t>(e * d), T(0));
+      dsums.assign(static_cast<std::size_t>(e * d), T(0));
+      auto& tmp = c.v;  // forward is done with it
+      tmp.resize(static_cast<std::size_t>(d));
       for (index_t i = 0; i < a; ++i) {
         const index_t x = c.active[i];
         std::fill(tmp.begin(), tmp.end(), 0.0);

@@ -63,14 +63,20 @@ struct label_scatter_add_functor {
 /// < prob. Counter-based, so the result is a pure function of (seed, stream, i): pass
 /// gen.next_stream() or a stream derived from the training step. Labels are checked to lie
 /// in [0, num_classes].
-inline std::vector<std::int64_t> drop_labels(std::span<const std::int64_t> labels, std::int64_t num_classes,
-                                             double prob, const rng& gen, std::uint64_t stream) {
+/// Writes into `out` (resized; no allocation once it has the capacity).
+inline void drop_labels(std::span<const std::int64_t> labels, std::int64_t num_classes, double prob, const rng& gen,
+                        std::uint64_t stream, std::vector<std::int64_t>& out) {
   PROMOE_CHECK(num_classes >= 1, "drop_labels: num_classes must be positive, got ", num_classes);
   PROMOE_CHECK(prob >= 0.0 && prob <= 1.0, "drop_labels: the dropout probability must be in [0, 1], got ", prob);
   detail::check_labels("drop_labels", labels, num_classes);
-  std::vector<std::int64_t> out(labels.begin(), labels.end());
+  out.assign(labels.begin(), labels.end());
   for (std::size_t i = 0; i < out.size(); ++i)
     if (gen.uniform(stream, i) < prob) out[i] = num_classes;
+}
+inline std::vector<std::int64_t> drop_labels(std::span<const std::int64_t> labels, std::int64_t num_classes,
+                                             double prob, const rng& gen, std::uint64_t stream) {
+  std::vector<std::int64_t> out;
+  drop_labels(labels, num_classes, prob, gen, stream, out);
   return out;
 }
 

@@ -51,29 +51,44 @@ struct scale_functor {
   PROMOE_HOST_DEVICE void operator()(index_t i) const { g[i] = g[i] * coef; }
 };
 
-/// Sum of squares of each gradient (double, deterministic); entries without a grad give 0.
+}  // namespace detail
+
+/// Buffers of the norm computation; pass the same one every step and it stops allocating.
+template <class B>
+struct grad_norm_workspace {
+  std::vector<index_t> first_chunk;
+  tensor<double, B> partial;
+  std::vector<double> partial_host, sums;
+};
+
+namespace detail {
+
+/// Sum of squares of each gradient (double, deterministic) into w.sums; entries without a
+/// grad give 0.
 template <class T, class B>
-std::vector<double> grad_sum_squares(const std::vector<named_parameter<T>>& params) {
+const std::vector<double>& grad_sum_squares(const std::vector<named_parameter<T>>& params,
+                                            grad_norm_workspace<B>& w) {
   using traits = backend_traits<B>;
-  std::vector<index_t> first_chunk(params.size() + 1, 0);
+  w.first_chunk.assign(params.size() + 1, 0);
   for (std::size_t k = 0; k < params.size(); ++k) {
     const index_t n = params[k].grad ? params[k].size() : 0;
-    first_chunk[k + 1] = first_chunk[k] + (n + norm_chunk - 1) / norm_chunk;
+    w.first_chunk[k + 1] = w.first_chunk[k] + (n + norm_chunk - 1) / norm_chunk;
   }
-  const index_t chunks = first_chunk.back();
-  std::vector<double> out(params.size(), 0.0);
-  if (chunks == 0) return out;
-  tensor<double, B> partial({chunks});
+  const index_t chunks = w.first_chunk.back();
+  w.sums.assign(params.size(), 0.0);
+  if (chunks == 0) return w.sums;
+  w.partial.resize({chunks});
   for (std::size_t k = 0; k < params.size(); ++k) {
-    const index_t c = first_chunk[k + 1] - first_chunk[k];
+    const index_t c = w.first_chunk[k + 1] - w.first_chunk[k];
     if (c > 0)
       traits::parallel_for(c, sum_squares_chunk_functor<T>{params[k].grad, params[k].size(),
-                                                           partial.data() + first_chunk[k]});
+                                                           w.partial.data() + w.first_chunk[k]});
   }
-  const std::vector<double> host = partial.to_host();
+  w.partial.to_host(w.partial_host);
   for (std::size_t k = 0; k < params.size(); ++k)
-    for (index_t c = first_chunk[k]; c < first_chunk[k + 1]; ++c) out[k] += host[static_cast<std::size_t>(c)];
-  return out;
+    for (index_t c = w.first_chunk[k]; c < w.first_chunk[k + 1]; ++c)
+      w.sums[k] += w.partial_host[static_cast<std::size_t>(c)];
+  return w.sums;
 }
 
 }  // namespace detail
@@ -82,8 +97,9 @@ std::vector<double> grad_sum_squares(const std::vector<named_parameter<T>>& para
 /// in double and deterministic. NaN or Inf in a gradient gives a non-finite result.
 template <class T, class B>
 double grad_norm(const std::vector<named_parameter<T>>& params) {
+  grad_norm_workspace<B> w;
   double total = 0.0;
-  for (double s : detail::grad_sum_squares<T, B>(params)) total += s;
+  for (double s : detail::grad_sum_squares<T, B>(params, w)) total += s;
   return std::sqrt(total);
 }
 
@@ -92,11 +108,12 @@ double grad_norm(const std::vector<named_parameter<T>>& params) {
 /// gradient by that factor. max_norm must be > 0 (+inf only measures). A non-finite norm
 /// throws promoe::error naming the first parameter whose gradient holds a NaN or Inf; the
 /// gradients are then left untouched.
+/// With a workspace kept across steps, it allocates nothing once sized.
 template <class T, class B>
-double clip_grad_norm(const std::vector<named_parameter<T>>& params, double max_norm) {
+double clip_grad_norm(const std::vector<named_parameter<T>>& params, double max_norm, grad_norm_workspace<B>& w) {
   using traits = backend_traits<B>;
   PROMOE_CHECK(max_norm > 0.0, "optim::clip_grad_norm: max_norm must be > 0, got ", max_norm);
-  const std::vector<double> sums = detail::grad_sum_squares<T, B>(params);
+  const std::vector<double>& sums = detail::grad_sum_squares<T, B>(params, w);
   double total = 0.0;
   for (double s : sums) total += s;
   const double norm = std::sqrt(total);
@@ -119,6 +136,11 @@ double clip_grad_norm(const std::vector<named_parameter<T>>& params, double max_
     }
   }
   return norm;
+}
+template <class T, class B>
+double clip_grad_norm(const std::vector<named_parameter<T>>& params, double max_norm) {
+  grad_norm_workspace<B> w;
+  return clip_grad_norm<T, B>(params, max_norm, w);
 }
 
 }  // namespace promoe::optim

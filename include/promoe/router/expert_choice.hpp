@@ -50,6 +50,7 @@ struct expert_choice {
     struct cache {
       tensor<T, B> logits, scores, dlogits;  ///< [tokens, E]
       std::vector<T> host_scores;
+      std::vector<T> tau;  ///< the thresholds on the host
       std::vector<std::uint8_t> selected;
       std::vector<index_t> items;
       loss_gradients<T, B> loss;
@@ -69,7 +70,7 @@ struct expert_choice {
       gate_.forward(in.x, c.logits);
       c.scores.resize({n, e});
       traits::parallel_for(n, score::apply_rows_functor<T>{opt_.score, c.logits.data(), c.scores.data(), e});
-      c.host_scores = c.scores.to_host();
+      c.scores.to_host(c.host_scores);
       c.selected.assign(static_cast<std::size_t>(n * e), 0);
       if (opt_.per_sample) {
         const index_t l = in.tokens_per_sample;
@@ -82,7 +83,8 @@ struct expert_choice {
             select_top(c.host_scores, c.items, capacity, c.selected);
           }
       } else if (in.training) {
-        std::vector<T> tau = threshold_.to_host();
+        auto& tau = c.tau;
+        threshold_.to_host(tau);
         const index_t capacity = capacity_of(n);
         for (index_t x = 0; x < e; ++x) {
           c.items.clear();
@@ -93,7 +95,8 @@ struct expert_choice {
         }
         traits::copy_from_host(tau.data(), e, threshold_.data());
       } else {
-        const std::vector<T> tau = threshold_.to_host();
+        threshold_.to_host(c.tau);
+        const auto& tau = c.tau;
         for (index_t i = 0; i < n * e; ++i) c.selected[i] = c.host_scores[i] >= tau[i % e] ? 1 : 0;
       }
       plan_from_mask(c.selected, c.host_scores, n, e, layout_.experts(), plan);

@@ -94,9 +94,10 @@ struct expert_race {
       traits::parallel_for(n, act::apply_rows_functor<act::gelu, T>{c.h.data(), d, c.a.data(), d, d});
       ops::broadcast_row<B>(c.logits.matrix(), b2_.data(), false);
       ops::gemm<B, T>(c.a.cmatrix(), transpose::no, w2_.cmatrix(), transpose::yes, c.logits.matrix(), T(1), T(1));
-      c.host_logits = c.logits.to_host();
+      c.logits.to_host(c.host_logits);
       c.selected.assign(static_cast<std::size_t>(n * e), 0);
-      T tau = threshold_.to_host()[0];
+      T tau;
+      traits::copy_to_host(threshold_.data(), 1, &tau);
       if (in.training) {
         c.items.resize(static_cast<std::size_t>(n * e));
         for (index_t i = 0; i < n * e; ++i) c.items[i] = i;

@@ -38,8 +38,10 @@ template <class T, class B>
 void plan_from_mask(const std::vector<std::uint8_t>& selected, const std::vector<T>& gates, index_t tokens,
                     index_t experts, index_t plan_experts, dispatch_plan<T, B>& plan) {
   plan.reset(tokens, experts, plan_experts);
-  std::vector<std::int32_t> slot_expert(static_cast<std::size_t>(tokens * experts), -1);
-  std::vector<T> slot_gate(static_cast<std::size_t>(tokens * experts), T(0));
+  auto& slot_expert = plan.host_slot_expert;
+  auto& slot_gate = plan.host_slot_gate;
+  slot_expert.assign(static_cast<std::size_t>(tokens * experts), -1);
+  slot_gate.assign(static_cast<std::size_t>(tokens * experts), T(0));
   for (index_t i = 0; i < tokens * experts; ++i)
     if (selected[i]) {
       slot_expert[i] = static_cast<std::int32_t>(i % experts);

@@ -1,0 +1,171 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file test_allocations.cpp
+/// \brief The hot path does not allocate: after a first step has sized the caches, a training
+/// step of every MoE layer kind and of a whole DiT (forward, loss, backward, clipping, AdamW,
+/// EMA) makes no heap allocation on the cpu backend. Counted by replacing the global
+/// operator new (this test has its own executable).
+
+#include <atomic>
+#include <cstdlib>
+#include <new>
+#include <vector>
+
+#include <catch2/catch.hpp>
+
+#include <promoe/dit.hpp>
+#include <promoe/optim/adamw.hpp>
+#include <promoe/optim/clip.hpp>
+#include <promoe/optim/ema.hpp>
+#include <promoe/promoe.hpp>
+
+namespace {
+std::atomic<bool> counting{false};
+std::atomic<long> allocations{0};
+
+void* counted(std::size_t n, std::size_t align) {
+  if (counting.load(std::memory_order_relaxed)) allocations.fetch_add(1, std::memory_order_relaxed);
+  if (n == 0) n = 1;
+  void* p = align > alignof(std::max_align_t) ? std::aligned_alloc(align, (n + align - 1) / align * align)
+                                             : std::malloc(n);
+  if (!p) throw std::bad_alloc();
+  return p;
+}
+}  // namespace
+
+void* operator new(std::size_t n) { return counted(n, 0); }
+void* operator new[](std::size_t n) { return counted(n, 0); }
+void* operator new(std::size_t n, std::align_val_t a) { return counted(n, static_cast<std::size_t>(a)); }
+void* operator new[](std::size_t n, std::align_val_t a) { return counted(n, static_cast<std::size_t>(a)); }
+void* operator new(std::size_t n, const std::nothrow_t&) noexcept {
+  try {
+    return counted(n, 0);
+  } catch (...) {
+    return nullptr;
+  }
+}
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete[](void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::align_val_t) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+
+using namespace promoe;
+using B = backend::cpu;
+using T = float;
+
+namespace {
+
+/// Heap allocations made by f().
+template <class F>
+long allocations_in(F&& f) {
+  allocations = 0;
+  counting = true;
+  f();
+  counting = false;
+  return allocations.load();
+}
+
+tensor<T, B> random_tensor(std::vector<index_t> shape, std::uint64_t stream) {
+  tensor<T, B> t(std::move(shape));
+  std::vector<T> h(static_cast<std::size_t>(t.size()));
+  for (std::size_t i = 0; i < h.size(); ++i) h[i] = static_cast<T>(rng::normal(5, stream, i));
+  return tensor<T, B>::from_host(h, t.shape());
+}
+
+/// A training step of a layer: forward, backward; the first call sizes the caches.
+template <class Layer>
+void check_layer_step(Layer& layer, index_t samples, index_t tokens_per_sample) {
+  const index_t n = samples * tokens_per_sample, d = layer.dim();
+  const auto x = random_tensor({n, d}, 1), dy = random_tensor({n, d}, 2);
+  tensor<T, B> y({n, d}), dx({n, d});
+  std::vector<std::int64_t> labels(static_cast<std::size_t>(samples));
+  for (index_t s = 0; s < samples; ++s) labels[static_cast<std::size_t>(s)] = s % 3 == 2 ? 10 : s % 10;
+  typename Layer::cache c;
+  auto step = [&] {
+    layer.forward(x.cmatrix(), labels, y.matrix(), c);
+    layer.backward(dy.cmatrix(), c, dx.matrix());
+    layer.zero_grad();
+  };
+  step();
+  CHECK(allocations_in(step) == 0);
+  layer.infer(x.cmatrix(), labels, y.matrix());  // sizes infer's workspace
+  CHECK(allocations_in([&] { layer.infer(x.cmatrix(), labels, y.matrix()); }) == 0);
+}
+
+}  // namespace
+
+TEST_CASE("allocations: a training step of each MoE layer kind allocates nothing once sized", "[alloc]") {
+  SECTION("ProMoE (conditional prototypical router, unconditional and shared experts, RCL)") {
+    promoe_layer<B, T>::config cfg;
+    cfg.dim = 24, cfg.routed_experts = 4, cfg.expert_hidden = 40, cfg.unconditional_experts = 1;
+    cfg.shared_experts = 1;
+    cfg.router.null_label = 10;
+    promoe_layer<B, T> layer(cfg, rng{3});
+    check_layer_step(layer, 6, 16);
+  }
+  SECTION("linear top-2 router with load balance and z-loss, SwiGLU experts") {
+    using layer_t = moe_layer<router::top_k, expert::swiglu, losses<loss::load_balance, loss::z_loss>, B, T>;
+    layer_t::config cfg;
+    cfg.dim = 24, cfg.routed_experts = 5, cfg.expert_hidden = 32, cfg.shared_experts = 1;
+    cfg.router = {.k = 2, .score = score_fn::softmax, .renormalize = true};
+    layer_t layer(cfg, rng{4});
+    check_layer_step(layer, 4, 16);
+  }
+  SECTION("expert choice") {
+    using layer_t = moe_layer<router::expert_choice, expert::mlp<act::gelu_tanh>, losses<>, B, T>;
+    layer_t::config cfg;
+    cfg.dim = 24, cfg.routed_experts = 4, cfg.expert_hidden = 32;
+    layer_t layer(cfg, rng{5});
+    check_layer_step(layer, 4, 16);
+  }
+  SECTION("expert race") {
+    using layer_t = moe_layer<router::expert_race, expert::mlp<act::gelu_tanh>, losses<>, B, T>;
+    layer_t::config cfg;
+    cfg.dim = 24, cfg.routed_experts = 4, cfg.expert_hidden = 32;
+    cfg.router.k = 1;
+    layer_t layer(cfg, rng{6});
+    check_layer_step(layer, 4, 16);
+  }
+}
+
+TEST_CASE("allocations: a whole DiT training step allocates nothing once sized", "[alloc][dit]") {
+  using moe = promoe_layer<B, T>;
+  using model_t = dit::dit_model<B, T, moe>;
+  dit::dit_config d;
+  d.input_size = 8, d.patch_size = 2, d.in_channels = 1, d.hidden_size = 32, d.depth = 2, d.num_heads = 2;
+  d.num_classes = 10, d.learn_sigma = false;
+  moe::config mc;
+  mc.routed_experts = 3, mc.expert_hidden = 48, mc.unconditional_experts = 1, mc.shared_experts = 1;
+  mc.router.null_label = d.num_classes;
+  model_t model(d, mc, rng{7});
+  const auto params = model.parameters();
+  optim::adamw<T, B> adamw(params, {.lr = 1e-3});
+  optim::ema<T, B> ema(params, 0.99);
+  dit::rectified_flow flow;
+  dit::training_batch<T, B> batch;
+  typename model_t::cache cache;
+  const index_t n = 6;
+  const auto x0 = random_tensor({n, d.in_channels, d.input_size, d.input_size}, 3);
+  std::vector<std::int64_t> labels{0, 1, 2, 3, 4, 5};
+  std::vector<std::int64_t> dropped;
+  tensor<T, B> out({n, d.out_channels(), d.input_size, d.input_size}), dout;
+  optim::grad_norm_workspace<B> clip_workspace;
+  std::uint64_t step = 0;
+  auto train_step = [&] {
+    model.drop_labels(labels, rng{1}, step, dropped);
+    flow.sample(x0, 1, step, batch);
+    model.forward(batch.x_t.matrix(), batch.t, dropped, out.matrix(), cache);
+    flow.loss_and_grad(out, batch, dout);
+    model.zero_grad();
+    model.backward(dout.matrix(), cache);
+    optim::clip_grad_norm<T, B>(params, 1.0, clip_workspace);
+    adamw.step(1e-3);
+    ema.update();
+    ++step;
+  };
+  train_step();
+  CHECK(allocations_in(train_step) == 0);
+}
