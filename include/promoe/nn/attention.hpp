@@ -13,6 +13,7 @@
 
 #include <cmath>
 #include <string>
+#include <utility>
 
 #include "../backend/backend.hpp"
 #include "../backend/ops.hpp"
@@ -123,17 +124,16 @@ class attention {
     qkv.forward(x, c.qkv.matrix());
     const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(hd)));
     const const_matrix_view<T> qkv_m = c.qkv.cmatrix();
-    for (index_t s = 0; s < s_count; ++s)
-      for (index_t h = 0; h < heads_; ++h)
-        ops::gemm<B, T>(q_(qkv_m, s, h, tokens), transpose::no, k_(qkv_m, s, h, tokens), transpose::yes,
-                        probs_(c.probs, s, h, tokens), scale, T(0));
-    backend_traits<B>::parallel_for(s_count * heads_ * tokens,
-                                    detail::softmax_rows_functor<T>{c.probs.data(), tokens});
     const matrix_view<T> out = c.out.matrix();
-    for (index_t s = 0; s < s_count; ++s)
-      for (index_t h = 0; h < heads_; ++h)
-        ops::gemm<B, T>(probs_(c.probs, s, h, tokens), transpose::no, v_(qkv_m, s, h, tokens), transpose::no,
-                        out.row_block(s * tokens, tokens).col_block(h * hd, hd), T(1), T(0));
+    // One task per (sample, head): its small GEMMs and softmax run on one thread.
+    backend_traits<B>::parallel_tasks(s_count * heads_, [&](index_t task) {
+      const index_t s = task / heads_, h = task % heads_;
+      const matrix_view<T> p = probs_(c.probs, s, h, tokens);
+      ops::gemm<B, T>(q_(qkv_m, s, h, tokens), transpose::no, k_(qkv_m, s, h, tokens), transpose::yes, p, scale, T(0));
+      backend_traits<B>::parallel_for(tokens, detail::softmax_rows_functor<T>{p.data, tokens});
+      ops::gemm<B, T>(const_matrix_view<T>(p), transpose::no, v_(qkv_m, s, h, tokens), transpose::no,
+                      out.row_block(s * tokens, tokens).col_block(h * hd, hd), T(1), T(0));
+    });
     proj.forward(c.out.cmatrix(), y);
   }
 
@@ -163,29 +163,25 @@ class attention {
 
     const const_matrix_view<T> qkv_m = c.qkv.cmatrix(), d_out = c.d_out.cmatrix();
     const matrix_view<T> d_qkv = c.d_qkv.matrix();
-    // o = P v: dV = P^T dO (every column of d_qkv is written exactly once by the three
-    // passes, so no zeroing), dP = dO v^T
-    for (index_t s = 0; s < s_count; ++s)
-      for (index_t h = 0; h < heads_; ++h) {
-        const const_matrix_view<T> d_o = d_out.row_block(s * tokens, tokens).col_block(h * hd, hd);
-        ops::gemm<B, T>(probs_(c.probs, s, h, tokens), transpose::yes, d_o, transpose::no, v_(d_qkv, s, h, tokens),
-                        T(1), T(0));
-        ops::gemm<B, T>(d_o, transpose::no, v_(qkv_m, s, h, tokens), transpose::yes, probs_(c.d_probs, s, h, tokens),
-                        T(1), T(0));
-      }
-    // P = softmax(S): dS = P * (dP - rowsum(dP * P))
-    backend_traits<B>::parallel_for(s_count * heads_ * tokens, detail::softmax_backward_rows_functor<T>{
-                                                                   c.probs.data(), c.d_probs.data(), tokens});
-    // S = q k^T * scale: dQ = scale dS k, dK = scale dS^T q
+    // One task per (sample, head), writing only its own blocks. Every column of d_qkv is
+    // written exactly once (dQ, dK, dV of each head), so no zeroing.
     const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(hd)));
-    for (index_t s = 0; s < s_count; ++s)
-      for (index_t h = 0; h < heads_; ++h) {
-        const const_matrix_view<T> d_s = probs_(c.d_probs, s, h, tokens);
-        ops::gemm<B, T>(d_s, transpose::no, k_(qkv_m, s, h, tokens), transpose::no, q_(d_qkv, s, h, tokens), scale,
-                        T(0));
-        ops::gemm<B, T>(d_s, transpose::yes, q_(qkv_m, s, h, tokens), transpose::no, k_(d_qkv, s, h, tokens), scale,
-                        T(0));
-      }
+    backend_traits<B>::parallel_tasks(s_count * heads_, [&](index_t task) {
+      const index_t s = task / heads_, h = task % heads_;
+      const const_matrix_view<T> d_o = d_out.row_block(s * tokens, tokens).col_block(h * hd, hd);
+      const const_matrix_view<T> p = probs_(std::as_const(c.probs), s, h, tokens);
+      const matrix_view<T> d_s = probs_(c.d_probs, s, h, tokens);
+      // o = P v: dV = P^T dO, dP = dO v^T
+      ops::gemm<B, T>(p, transpose::yes, d_o, transpose::no, v_(d_qkv, s, h, tokens), T(1), T(0));
+      ops::gemm<B, T>(d_o, transpose::no, v_(qkv_m, s, h, tokens), transpose::yes, d_s, T(1), T(0));
+      // P = softmax(S): dS = P * (dP - rowsum(dP * P))
+      backend_traits<B>::parallel_for(tokens, detail::softmax_backward_rows_functor<T>{p.data, d_s.data, tokens});
+      // S = q k^T * scale: dQ = scale dS k, dK = scale dS^T q
+      ops::gemm<B, T>(const_matrix_view<T>(d_s), transpose::no, k_(qkv_m, s, h, tokens), transpose::no,
+                      q_(d_qkv, s, h, tokens), scale, T(0));
+      ops::gemm<B, T>(const_matrix_view<T>(d_s), transpose::yes, q_(qkv_m, s, h, tokens), transpose::no,
+                      k_(d_qkv, s, h, tokens), scale, T(0));
+    });
     qkv.backward(x, c.d_qkv.cmatrix(), dx, c.ones.data());
   }
 
