@@ -4,7 +4,10 @@
 // tensor.
 //
 //   promoe-parity --model moe|dit --config config.json --weights weights.safetensors
-//                 --inputs inputs.safetensors --out actual.safetensors
+//                 --inputs inputs.safetensors --out actual.safetensors [--repeat N]
+//
+// --repeat N: after the results are written, one untimed warm-up and N timed runs of the
+// forward + backward on the same inputs (no file reading or writing); prints median_ms=<ms>.
 //
 // config.json uses the reference models' hyper-parameter names (see README). The inputs'
 // floating dtype (F32 or F64) decides the computation's. Outputs are the gradients of
@@ -13,6 +16,9 @@
 //        outputs output, aux_loss (0-dim), grad.hidden_states, grad.<name>.
 //   dit: inputs x [B, C, H, W], t [B], y [B] int64 (used as given), grad_output;
 //        outputs output, aux_loss, grad.x, grad.<name> for every trainable parameter.
+#include <algorithm>
+#include <charconv>
+#include <chrono>
 #include <cstdio>
 #include <fstream>
 #include <optional>
@@ -34,13 +40,14 @@ namespace {
 
 struct arguments {
   std::string model, config, weights, inputs, out;
+  int repeat = 0;  ///< timed forward + backward runs (0: none)
 };
 
 [[noreturn]] void usage(const std::string& problem) {
   std::fprintf(stderr,
                "promoe-parity: %s\n"
                "usage: promoe-parity --model moe|dit --config config.json --weights weights.safetensors\n"
-               "                     --inputs inputs.safetensors --out actual.safetensors\n",
+               "                     --inputs inputs.safetensors --out actual.safetensors [--repeat N]\n",
                problem.c_str());
   std::exit(2);
 }
@@ -49,6 +56,14 @@ arguments parse_arguments(int argc, char** argv) {
   arguments a;
   for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
+    if (flag == "--repeat") {
+      if (i + 1 >= argc) usage("missing value after --repeat");
+      const std::string value = argv[++i];
+      const auto [end, ec] = std::from_chars(value.data(), value.data() + value.size(), a.repeat);
+      if (value.empty() || ec != std::errc{} || end != value.data() + value.size() || a.repeat < 1)
+        usage("--repeat must be an integer >= 1, got '" + value + "'");
+      continue;
+    }
     std::string* target = flag == "--model"     ? &a.model
                           : flag == "--config"  ? &a.config
                           : flag == "--weights" ? &a.weights
@@ -218,6 +233,23 @@ void write_results(const std::string& path, std::vector<std::int64_t> out_shape,
   out.write(path);
 }
 
+/// --repeat: one untimed warm-up call of f, then `repeat` timed calls; prints the median.
+template <class F>
+void time_repeats(int repeat, F&& f) {
+  if (repeat < 1) return;
+  f();
+  std::vector<double> ms;
+  for (int r = 0; r < repeat; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    f();
+    ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::sort(ms.begin(), ms.end());
+  const std::size_t h = ms.size() / 2;
+  std::printf("median_ms=%.4f\n", ms.size() % 2 ? ms[h] : 0.5 * (ms[h - 1] + ms[h]));
+  std::fflush(stdout);
+}
+
 template <class Layer>
 void run_moe(const moe_config& m, const arguments& args, const io::safetensors_file& inputs) {
   using T = typename Layer::scalar;
@@ -245,6 +277,12 @@ void run_moe(const moe_config& m, const arguments& args, const io::safetensors_f
   }
   write_results<T>(args.out, {b, s, d}, y.to_host(), aux, "hidden_states", {b, s, d}, dx.to_host(),
                    layer.parameters());
+
+  tensor<T, backend::cpu> y_rep({b * s, d}), dx_rep({b * s, d});  // gradients keep accumulating
+  time_repeats(args.repeat, [&] {
+    layer.forward(x.cmatrix(), labels, y_rep.matrix(), cache);
+    layer.backward(dy.cmatrix(), cache, dx_rep.matrix());
+  });
 }
 
 /// The DiT's keys; the MoE block's keys are in its "moe" entry (null: a dense DiT).
@@ -312,6 +350,11 @@ void run_dit(const dit_json& d, const arguments& args, const io::safetensors_fil
   const T aux = model.aux_loss(cache);
   model.backward(dout.cmatrix(), cache, dx.matrix());
   write_results<T>(args.out, out_image, out.to_host(), aux, "x", image, dx.to_host(), model.parameters());
+
+  time_repeats(args.repeat, [&] {  // out is overwritten, dx and the gradients keep accumulating
+    model.forward(x.cmatrix(), t, y, out.matrix(), cache);
+    model.backward(dout.cmatrix(), cache, dx.matrix());
+  });
 }
 
 template <class T>
