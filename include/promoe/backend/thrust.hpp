@@ -4,8 +4,9 @@
 /// configured device system (THRUST_DEVICE_SYSTEM: CPP, OMP or CUDA).
 ///
 /// On host device systems (CPP, OMP) "device" memory is host memory, so GEMMs go to Eigen
-/// exactly as on backend::cpu. Under CUDA this file runs a plain one-thread-per-element GEMM
-/// kernel through the same functor mechanism; it is correct, not fast.
+/// exactly as on backend::cpu. Under CUDA, GEMMs go to cuBLAS when PROMOE_HAS_CUBLAS is
+/// defined (the promoe::thrust target links CUDA::cublas and defines it); otherwise a plain
+/// one-thread-per-element kernel through the functor mechanism runs them (correct, not fast).
 #pragma once
 
 #include <cmath>
@@ -29,6 +30,8 @@
 
 #if THRUST_DEVICE_SYSTEM != THRUST_DEVICE_SYSTEM_CUDA
 #include "eigen_gemm.hpp"
+#elif defined(PROMOE_HAS_CUBLAS)
+#include "cublas_gemm.hpp"
 #endif
 
 namespace promoe {
@@ -121,6 +124,8 @@ struct backend_traits<backend::thrust> {
                    index_t lda, const T* b, index_t ldb, T beta, T* c, index_t ldc) {
 #if THRUST_DEVICE_SYSTEM != THRUST_DEVICE_SYSTEM_CUDA
     detail::eigen_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+#elif defined(PROMOE_HAS_CUBLAS)
+    detail::cublas_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 #else
     if (m == 0 || n == 0) return;
     parallel_for(m * n, detail::naive_gemm_functor<T>{ta == transpose::yes, tb == transpose::yes, n, k,

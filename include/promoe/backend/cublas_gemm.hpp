@@ -1,0 +1,68 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file cublas_gemm.hpp
+/// \brief Row-major GEMM on device pointers through cuBLAS (the Thrust backend's GEMM under
+/// the CUDA device system). Needs <cublas_v2.h> and linking with cuBLAS (CUDA::cublas).
+#pragma once
+
+#include <cublas_v2.h>
+
+#include <type_traits>
+
+#include "../core/error.hpp"
+#include "backend.hpp"
+
+namespace promoe::detail {
+
+/// The calling thread's cuBLAS handle, created on first use (on the current device, default
+/// stream, host pointer mode) and destroyed with the thread.
+inline cublasHandle_t cublas_handle() {
+  struct holder {
+    cublasHandle_t handle = nullptr;
+    holder() {
+      const cublasStatus_t st = cublasCreate(&handle);
+      if (st != CUBLAS_STATUS_SUCCESS)
+        fail("cuBLAS: cublasCreate failed (", cublasGetStatusName(st), ": ", cublasGetStatusString(st),
+             "); is a CUDA device available?");
+    }
+    ~holder() {
+      if (handle) cublasDestroy(handle);
+    }
+    holder(const holder&) = delete;
+    holder& operator=(const holder&) = delete;
+  };
+  thread_local holder h;
+  return h.handle;
+}
+
+inline void cublas_check(cublasStatus_t st, const char* what, index_t m, index_t n, index_t k) {
+  if (st != CUBLAS_STATUS_SUCCESS)
+    fail("cuBLAS: ", what, " (m ", m, ", n ", n, ", k ", k, ") failed: ", cublasGetStatusName(st), ": ",
+         cublasGetStatusString(st));
+}
+
+/// C[m, n] = alpha * op(A) * op(B) + beta * C, all row-major with leading dimensions. cuBLAS
+/// is column-major: a row-major C is a column-major C^T = op(B)^T op(A)^T, so the operands
+/// swap places and keep their transpose flags.
+template <class T>
+void cublas_gemm(transpose ta, transpose tb, index_t m, index_t n, index_t k, T alpha, const T* a, index_t lda,
+                 const T* b, index_t ldb, T beta, T* c, index_t ldc) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "cublas_gemm: float or double");
+  if (m == 0 || n == 0) return;
+  const cublasOperation_t opa = ta == transpose::yes ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const cublasOperation_t opb = tb == transpose::yes ? CUBLAS_OP_T : CUBLAS_OP_N;
+  // cuBLAS wants every leading dimension >= 1 even when an operand is empty (k = 0)
+  const auto i32 = [](index_t v) { return static_cast<int>(v > 0 ? v : 1); };
+  PROMOE_CHECK(m < (index_t{1} << 31) && n < (index_t{1} << 31) && k < (index_t{1} << 31) && lda < (index_t{1} << 31) &&
+                   ldb < (index_t{1} << 31) && ldc < (index_t{1} << 31),
+               "cuBLAS: GEMM dimensions beyond 32-bit (m ", m, ", n ", n, ", k ", k, ")");
+  cublasHandle_t h = cublas_handle();
+  if constexpr (std::is_same_v<T, float>) {
+    cublas_check(cublasSgemm(h, opb, opa, i32(n), i32(m), i32(k), &alpha, b, i32(ldb), a, i32(lda), &beta, c, i32(ldc)),
+                 "cublasSgemm", m, n, k);
+  } else {
+    cublas_check(cublasDgemm(h, opb, opa, i32(n), i32(m), i32(k), &alpha, b, i32(ldb), a, i32(lda), &beta, c, i32(ldc)),
+                 "cublasDgemm", m, n, k);
+  }
+}
+
+}  // namespace promoe::detail
