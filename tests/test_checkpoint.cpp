@@ -37,6 +37,8 @@
 #include <promoe/dit/model.hpp>
 #include <promoe/io/checkpoint.hpp>
 
+#include "temp_dir.hpp"
+
 using Catch::Contains;
 using namespace promoe;
 namespace fs = std::filesystem;
@@ -52,32 +54,7 @@ struct snapshot_t {
   bool operator==(const snapshot_t&) const = default;
 };
 
-/// A fresh, empty directory for this process, removed at scope exit.
-struct temp_dir {
-  fs::path path;
-  explicit temp_dir(const std::string& tag) {
-    path = fs::temp_directory_path() / ("promoe_test_checkpoint_" + tag + "_" +
-#if PROMOE_TEST_POSIX
-                                        std::to_string(::getpid())
-#else
-                                        std::string("0")
-#endif
-                                       );
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~temp_dir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-  std::vector<std::string> entries() const {
-    std::vector<std::string> out;
-    for (const auto& e : fs::directory_iterator(path)) out.push_back(e.path().filename().string());
-    std::sort(out.begin(), out.end());
-    return out;
-  }
-};
+using promoe_test::temp_dir;
 
 bytes_t read_bytes(const std::string& path) {
   std::ifstream in(path, std::ios::binary);

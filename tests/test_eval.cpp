@@ -14,12 +14,10 @@
 #include <string>
 #include <vector>
 
-#if defined(__unix__) || defined(__APPLE__)
-#include <unistd.h>
-#endif
-
 #include <promoe/eval.hpp>
 #include <promoe/io/npz.hpp>
+
+#include "temp_dir.hpp"
 
 using namespace promoe;
 using Catch::Contains;
@@ -163,26 +161,7 @@ hmat random_spd(std::size_t d, std::uint64_t seed) {
   return c;
 }
 
-/// A fresh, empty directory for this process, removed at scope exit.
-struct temp_dir {
-  fs::path path;
-  explicit temp_dir(const std::string& tag) {
-    path = fs::temp_directory_path() / ("promoe_test_eval_" + tag + "_" +
-#if defined(__unix__) || defined(__APPLE__)
-                                        std::to_string(::getpid())
-#else
-                                        std::string("0")
-#endif
-                                       );
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~temp_dir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-};
+using promoe_test::temp_dir;
 
 eval::feature_matrix points(const std::vector<std::vector<double>>& rows) {
   eval::feature_matrix m(static_cast<Eigen::Index>(rows.size()), static_cast<Eigen::Index>(rows[0].size()));

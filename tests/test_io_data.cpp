@@ -38,6 +38,8 @@
 #include <promoe/io/npz.hpp>
 #include <promoe/io/png.hpp>
 
+#include "temp_dir.hpp"
+
 using Catch::Contains;
 namespace fs = std::filesystem;
 namespace io = promoe::io;
@@ -45,35 +47,7 @@ using bytes_t = std::vector<std::uint8_t>;
 
 namespace {
 
-/// A fresh, empty directory under the system's temporary directory, removed at scope exit.
-struct temp_dir {
-  fs::path path;
-  explicit temp_dir(const std::string& tag) {
-    static int counter = 0;
-    path = fs::temp_directory_path() / ("promoe_test_io_data_" + tag + "_" +
-#if PROMOE_TEST_POSIX
-                                        std::to_string(::getpid())
-#else
-                                        std::string("0")
-#endif
-                                        + "_" + std::to_string(counter++));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~temp_dir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  temp_dir(const temp_dir&) = delete;
-  temp_dir& operator=(const temp_dir&) = delete;
-  std::string file(const std::string& name) const { return (path / name).string(); }
-  std::vector<std::string> entries() const {
-    std::vector<std::string> out;
-    for (const auto& e : fs::directory_iterator(path)) out.push_back(e.path().filename().string());
-    std::sort(out.begin(), out.end());
-    return out;
-  }
-};
+using promoe_test::temp_dir;
 
 void write_bytes(const std::string& path, const bytes_t& b) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);

@@ -31,6 +31,8 @@
 
 #include <promoe/io/safetensors.hpp>
 
+#include "temp_dir.hpp"
+
 using Catch::Contains;
 using promoe::io::dtype;
 using promoe::io::safetensors_file;
@@ -75,31 +77,7 @@ bytes_t make_file(std::string header, const bytes_t& buffer = {}, bool pad = tru
 
 safetensors_file parse(const bytes_t& b) { return safetensors_file::parse(b, "test.safetensors"); }
 
-/// A fresh, empty directory for this process, removed at scope exit.
-struct temp_dir {
-  fs::path path;
-  explicit temp_dir(const std::string& tag) {
-    path = fs::temp_directory_path() / ("promoe_test_safetensors_" + tag + "_" +
-#if PROMOE_TEST_POSIX
-                                        std::to_string(::getpid())
-#else
-                                        std::string("0")
-#endif
-                                       );
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~temp_dir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::vector<std::string> entries() const {
-    std::vector<std::string> out;
-    for (const auto& e : fs::directory_iterator(path)) out.push_back(e.path().filename().string());
-    std::sort(out.begin(), out.end());
-    return out;
-  }
-};
+using promoe_test::temp_dir;
 
 bool has_temp_file(const temp_dir& d) {
   for (const auto& name : d.entries())
