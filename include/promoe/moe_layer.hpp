@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <limits>
 #include <span>
 #include <string>
 #include <tuple>
@@ -119,9 +120,9 @@ class moe_layer<Router, Expert, losses<L...>, B, T, SharedExpert> {
     std::vector<index_t> expert_order;
   };
 
-  /// Rows per forward task: small enough to spread the experts over the threads, large
-  /// enough for efficient GEMMs.
-  static constexpr index_t tile_rows = 256;
+  /// Rows per forward task where tasks run side by side: small enough to spread the experts
+  /// over the threads, large enough for efficient GEMMs. Elsewhere one task per expert.
+  static constexpr index_t tile_rows = traits::concurrent_tasks ? 256 : std::numeric_limits<index_t>::max();
 
   moe_layer(const config& cfg, rng& gen) : cfg_(checked(cfg)), router_(cfg.router, router_layout_of(cfg), gen),
         experts_(cfg.routed_experts + cfg.unconditional_experts, cfg.dim, cfg.expert_hidden),
@@ -365,8 +366,11 @@ class moe_layer<Router, Expert, losses<L...>, B, T, SharedExpert> {
     c.tiles.clear();
     for (index_t e = 0; e < experts_.count(); ++e) {
       const index_t end = c.plan.host_offsets[e] + c.plan.expert_rows(e);
-      for (index_t first = c.plan.host_offsets[e]; first < end; first += tile_rows)
-        c.tiles.push_back({e, first, std::min(tile_rows, end - first)});
+      for (index_t first = c.plan.host_offsets[e]; first < end;) {
+        const index_t m = std::min(tile_rows, end - first);
+        c.tiles.push_back({e, first, m});
+        first += m;
+      }
     }
     traits::parallel_tasks(static_cast<index_t>(c.tiles.size()), [&](index_t i) {
       const auto [e, first, m] = c.tiles[static_cast<std::size_t>(i)];

@@ -66,6 +66,7 @@ concept Backend = requires(index_t n, float* f, const float* cf, double* d, cons
   backend_traits<B>::parallel_for(n, detail::probe_functor{});
   // run host-side tasks task(i), i in [0, n), possibly on several threads
   backend_traits<B>::parallel_tasks(n, detail::probe_task{});
+  { backend_traits<B>::concurrent_tasks } -> std::convertible_to<bool>;
   // C = alpha op(A) op(B) + beta C, row-major
   backend_traits<B>::gemm(transpose::no, transpose::no, n, n, n, 1.0f, cf, n, cf, n, 0.0f, f, n);
   backend_traits<B>::gemm(transpose::no, transpose::no, n, n, n, 1.0, cd, n, cd, n, 0.0, d, n);

@@ -26,6 +26,8 @@ struct backend_traits<backend::cpu> {
   static constexpr const char* name = "cpu";
   /// Memory the host can read directly.
   static constexpr bool host_accessible = true;
+  /// parallel_tasks runs tasks side by side (so callers may split work into more of them).
+  static constexpr bool concurrent_tasks = true;
 
   template <class T>
   using buffer = std::vector<T, Eigen::aligned_allocator<T>>;

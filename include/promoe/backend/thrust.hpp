@@ -89,6 +89,8 @@ template <>
 struct backend_traits<backend::thrust> {
   static constexpr const char* name = "thrust";
   static constexpr bool host_accessible = THRUST_DEVICE_SYSTEM != THRUST_DEVICE_SYSTEM_CUDA;
+  /// parallel_tasks runs tasks one after another: fewer, larger operations are better.
+  static constexpr bool concurrent_tasks = false;
 
   template <class T>
   using buffer = ::thrust::device_vector<T>;
