@@ -9,8 +9,6 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
-#include <map>
-#include <sstream>
 
 #include <CLI/CLI.hpp>
 
