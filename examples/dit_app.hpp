@@ -22,10 +22,17 @@ using namespace promoe;
 using B = backend::cpu;
 using T = float;
 
+/// The MLP kinds of train_dit: a dense MLP, three baseline routers, ProMoE and its two
+/// ablations (without the routing contrastive loss; without conditional routing, i.e. no
+/// unconditional expert: null-label tokens are routed like the others).
+inline constexpr const char* mlp_kinds[] = {"dense",  "top-k",         "expert-choice", "expert-race",
+                                            "promoe", "promoe-no-rcl", "promoe-no-cond"};
+
 /// Everything that defines a run's model and training; stored in the checkpoint.
 struct run_config {
   std::string preset = "mini-28";
-  std::string mlp = "promoe";      ///< dense, top-k, expert-choice, expert-race, promoe
+  std::string mlp = "promoe";      ///< one of mlp_kinds
+
   std::string objective = "flow";  ///< flow, ddpm
   index_t experts = 4;             ///< routed experts of the MoE blocks
   index_t batch = 64;
@@ -53,8 +60,10 @@ struct run_config {
     return c;
   }
   void validate() const {
-    PROMOE_CHECK(mlp == "dense" || mlp == "top-k" || mlp == "expert-choice" || mlp == "expert-race" || mlp == "promoe",
-                 "unknown MLP kind '", mlp, "' (expected dense, top-k, expert-choice, expert-race or promoe)");
+    std::string known;
+    for (const char* k : mlp_kinds) known += (known.empty() ? "" : ", ") + std::string(k);
+    PROMOE_CHECK(std::find(std::begin(mlp_kinds), std::end(mlp_kinds), mlp) != std::end(mlp_kinds),
+                 "unknown MLP kind '", mlp, "' (expected one of ", known, ")");
     PROMOE_CHECK(objective == "flow" || objective == "ddpm", "unknown objective '", objective,
                  "' (expected flow or ddpm)");
     PROMOE_CHECK(experts >= 1, "--experts must be >= 1, got ", experts);
@@ -72,13 +81,15 @@ using expert_race_moe = moe_layer<router::expert_race, expert::mlp<act::gelu_tan
 
 /// The MoE config of a kind, sized as the papers compare them: ProMoE's experts are 2D wide
 /// with a shared expert (activated parameters = the dense MLP's); the baselines' are full width.
+/// The ablations change only what their names say.
 inline promoe_moe::config moe_config(const run_config& r, const dit::dit_config& d, promoe_moe*) {
   promoe_moe::config c;
-  c.routed_experts = r.experts, c.expert_hidden = 2 * d.hidden_size, c.unconditional_experts = 1;
+  c.routed_experts = r.experts, c.expert_hidden = 2 * d.hidden_size;
+  c.unconditional_experts = r.mlp == "promoe-no-cond" ? 0 : 1;
   c.shared_experts = 1;
   c.router.inner = {1, score_fn::identity, false, 1.0};
   c.router.null_label = d.num_classes;
-  c.loss = {{1.0, 0.07, true}};
+  c.loss = {{r.mlp == "promoe-no-rcl" ? 0.0 : 1.0, 0.07, true}};
   return c;
 }
 inline top_k_moe::config moe_config(const run_config& r, const dit::dit_config& d, top_k_moe*) {

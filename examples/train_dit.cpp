@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <span>
 
 #include <CLI/CLI.hpp>
 
@@ -136,6 +137,66 @@ class loss_log {
   std::FILE* file_;
 };
 
+/// Counts of (block, class, position, expert choice) of routed tokens, and how much of the
+/// expert choice the class and the position explain.
+class routing_counts {
+ public:
+  routing_counts(std::size_t blocks, index_t classes, index_t positions, index_t choices)
+      : classes_(classes), positions_(positions), choices_(choices),
+        n_(blocks * static_cast<std::size_t>(classes * positions * choices), 0) {}
+
+  void add(std::size_t block, index_t k, index_t pos, index_t e) { ++n_[at(block, k, pos, e)]; }
+
+  index_t most_common(std::size_t block, index_t k, index_t pos) const {
+    const auto* v = &n_[at(block, k, pos, 0)];
+    return static_cast<index_t>(std::max_element(v, v + choices_) - v);
+  }
+
+  struct stats {
+    double entropy_bits = 0;    ///< H(E)
+    double class_share = 0;     ///< I(E; class) / H(E)
+    double position_share = 0;  ///< I(E; position) / H(E)
+    std::vector<double> usage;  ///< P(E = e)
+  };
+
+  stats specialisation(std::size_t block) const {
+    std::vector<double> pe(choices_, 0), pk(classes_, 0), pp(positions_, 0);
+    std::vector<double> pke(classes_ * choices_, 0), ppe(positions_ * choices_, 0);
+    double total = 0;
+    for (index_t k = 0; k < classes_; ++k)
+      for (index_t p = 0; p < positions_; ++p)
+        for (index_t e = 0; e < choices_; ++e) {
+          const double c = static_cast<double>(n_[at(block, k, p, e)]);
+          pe[e] += c, pk[k] += c, pp[p] += c, pke[k * choices_ + e] += c, ppe[p * choices_ + e] += c, total += c;
+        }
+    stats s;
+    if (total == 0) return s;
+    const auto mutual = [&](const std::vector<double>& joint, const std::vector<double>& marginal) {
+      double mi = 0;
+      for (std::size_t a = 0; a < marginal.size(); ++a)
+        for (index_t e = 0; e < choices_; ++e)
+          if (const double j = joint[a * choices_ + e]; j > 0) mi += j / total * std::log2(j * total / (marginal[a] * pe[e]));
+      return mi;
+    };
+    for (double c : pe) {
+      s.usage.push_back(c / total);
+      if (c > 0) s.entropy_bits -= c / total * std::log2(c / total);
+    }
+    if (s.entropy_bits > 0) {
+      s.class_share = mutual(pke, pk) / s.entropy_bits;
+      s.position_share = mutual(ppe, pp) / s.entropy_bits;
+    }
+    return s;
+  }
+
+ private:
+  std::size_t at(std::size_t block, index_t k, index_t pos, index_t e) const {
+    return ((block * static_cast<std::size_t>(classes_) + static_cast<std::size_t>(k)) * positions_ + pos) * choices_ + e;
+  }
+  index_t classes_, positions_, choices_;
+  std::vector<index_t> n_;
+};
+
 template <class Model>
 class trainer {
  public:
@@ -197,7 +258,7 @@ class trainer {
         });
       const bool last = step + 1 == o_.steps;
       if ((step + 1) % o_.checkpoint_every == 0 || last) timer.time(timer.checkpoint, [&] { save(step + 1); });
-      if ((step + 1) % o_.sample_every == 0 || last) timer.time(timer.pictures, [&] { write_pictures(); });
+      if ((step + 1) % o_.sample_every == 0 || last) timer.time(timer.pictures, [&] { write_pictures(step + 1); });
     }
     bar.finish();
     timer.print(o_.steps - first);
@@ -253,7 +314,7 @@ class trainer {
 
   /// samples.png (EMA weights, one row per class; images only: latents need a decoder) and
   /// routing.png.
-  void write_pictures() {
+  void write_pictures(index_t step) {
     const auto params = model_.parameters();
     ema_.swap(params);
     if (data_.images()) {
@@ -265,38 +326,38 @@ class trainer {
       const auto grid = io::image_grid(nhwc_bytes(x, n, c, s, s), n, s, s, c, o_.samples_per_class, 2, 255);
       io::write_png((fs::path(o_.out) / "samples.png").string(), grid);
     }
-    if constexpr (Model::has_moe) write_routing_map();
+    if constexpr (Model::has_moe) write_routing_map(step);
     ema_.swap(params);
   }
 
-  /// Per class (rows) and token position, the expert its tokens go to most often in the
-  /// first MoE block, for noised training images of that class at t = 500; upscaled.
-  void write_routing_map() {
-    std::size_t moe_block = 0;
-    while (!model_.blocks()[moe_block].moe) ++moe_block;
-    const index_t g = d_.grid(), per_class = 32, scale = 8;
-    static constexpr std::uint8_t palette[][3] = {{230, 25, 75},  {60, 180, 75},  {255, 225, 25}, {0, 130, 200},
-                                                  {245, 130, 48}, {145, 30, 180}, {70, 240, 240}, {240, 50, 230},
-                                                  {210, 245, 60}, {250, 190, 212}, {0, 128, 128}, {220, 190, 255},
-                                                  {170, 110, 40}, {255, 250, 200}, {128, 0, 0},   {170, 255, 195}};
-    std::vector<std::uint8_t> cells;
+  /// Routing of noised training images (t = 500, 32 per class) through every MoE block:
+  /// routing.png maps, per class (rows) and token position, the expert the first MoE block
+  /// sends most of them to; routing.json says per block how much of the expert choice is
+  /// explained by the class and by the position (mutual information over the choice's entropy).
+  void write_routing_map(index_t step) {
+    std::vector<std::size_t> moe_blocks;
+    for (std::size_t b = 0; b < model_.blocks().size(); ++b)
+      if (model_.blocks()[b].moe) moe_blocks.push_back(b);
+    // each token's main expert: routed 0..E-1, E for the unconditional experts, E+1 for none
+    const index_t g = d_.grid(), per_class = 32, scale = 8, choices = r_.experts + 2;
+    routing_counts counts(moe_blocks.size(), d_.num_classes, g * g, choices);
     for (index_t k = 0; k < d_.num_classes; ++k) {
       std::vector<index_t> picks;
       for (index_t i = 0; i < data_.size() && static_cast<index_t>(picks.size()) < per_class; ++i)
         if (data_.label(i) == k) picks.push_back(i);
       const index_t m = static_cast<index_t>(picks.size()), hw = d_.input_size * d_.input_size * d_.in_channels;
-      std::vector<index_t> votes(static_cast<std::size_t>(g * g * (r_.experts + 2)), 0);
-      if (m > 0) {
-        std::vector<T> px(static_cast<std::size_t>(m * hw));
-        for (index_t i = 0; i < m; ++i) data_.fill(picks[i], px.data() + i * hw);
-        const auto x0 = tensor<T, B>::from_host(px, {m, d_.in_channels, d_.input_size, d_.input_size});
-        auto batch = flow_.sample(x0, r_.seed + 2, 0);
-        std::fill(batch.t.begin(), batch.t.end(), T(500));
-        tensor<T, B> out({m, d_.output_size()});
-        typename Model::cache c;
-        const std::vector<std::int64_t> labels(static_cast<std::size_t>(m), k);
-        model_.forward(batch.x_t.matrix(), batch.t, labels, out.matrix(), c);
-        const auto& plan = c.blocks[moe_block].moe.plan;
+      if (m == 0) continue;
+      std::vector<T> px(static_cast<std::size_t>(m * hw));
+      for (index_t i = 0; i < m; ++i) data_.fill(picks[i], px.data() + i * hw);
+      const auto x0 = tensor<T, B>::from_host(px, {m, d_.in_channels, d_.input_size, d_.input_size});
+      auto batch = flow_.sample(x0, r_.seed + 2, 0);
+      std::fill(batch.t.begin(), batch.t.end(), T(500));
+      tensor<T, B> out({m, d_.output_size()});
+      typename Model::cache c;
+      const std::vector<std::int64_t> labels(static_cast<std::size_t>(m), k);
+      model_.forward(batch.x_t.matrix(), batch.t, labels, out.matrix(), c);
+      for (std::size_t b = 0; b < moe_blocks.size(); ++b) {
+        const auto& plan = c.blocks[moe_blocks[b]].moe.plan;
         const auto se = plan.slot_expert.to_host();
         const auto sg = plan.slot_gate.to_host();
         for (index_t t = 0; t < m * g * g; ++t) {
@@ -305,21 +366,39 @@ class trainer {
             const index_t s = t * plan.slots_per_token + q;
             if (se[s] >= 0 && (best < 0 || sg[s] > sg[best])) best = s;
           }
-          const index_t e = best < 0 ? r_.experts + 1 : std::min<index_t>(se[best], r_.experts);
-          ++votes[(t % (g * g)) * (r_.experts + 2) + e];
+          counts.add(b, k, t % (g * g), best < 0 ? r_.experts + 1 : std::min<index_t>(se[best], r_.experts));
         }
       }
+    }
+    static constexpr std::uint8_t palette[][3] = {{230, 25, 75},  {60, 180, 75},  {255, 225, 25}, {0, 130, 200},
+                                                  {245, 130, 48}, {145, 30, 180}, {70, 240, 240}, {240, 50, 230},
+                                                  {210, 245, 60}, {250, 190, 212}, {0, 128, 128}, {220, 190, 255},
+                                                  {170, 110, 40}, {255, 250, 200}, {128, 0, 0},   {170, 255, 195}};
+    std::vector<std::uint8_t> cells;
+    for (index_t k = 0; k < d_.num_classes; ++k)
       for (index_t y = 0; y < g * scale; ++y)
         for (index_t x = 0; x < g * scale; ++x) {
-          const index_t pos = (y / scale) * g + x / scale;
-          const auto* v = &votes[pos * (r_.experts + 2)];
-          const index_t e = std::max_element(v, v + r_.experts + 2) - v;  // routed, unconditional, none
-          for (int ch = 0; ch < 3; ++ch)
+          const index_t e = counts.most_common(0, k, (y / scale) * g + x / scale);
+          for (int ch = 0; ch < 3; ++ch)  // routed: a colour each; unconditional: grey; none: black
             cells.push_back(e < r_.experts ? palette[e % 16][ch] : e == r_.experts ? 128 : 0);
         }
-    }
     const auto grid = io::image_grid(cells, d_.num_classes, g * scale, g * scale, 3, 1, 2, 255);
     io::write_png((fs::path(o_.out) / "routing.png").string(), grid);
+    nlohmann::json blocks = nlohmann::json::array();
+    for (std::size_t b = 0; b < moe_blocks.size(); ++b) {
+      const auto st = counts.specialisation(b);
+      blocks.push_back({{"block", moe_blocks[b]},
+                        {"expert_entropy_bits", st.entropy_bits},
+                        {"class_share", st.class_share},
+                        {"position_share", st.position_share},
+                        {"usage", st.usage}});
+    }
+    const nlohmann::json j = {{"step", step}, {"timestep", 500}, {"images_per_class", per_class},
+                              {"choices", "routed experts 0..E-1, then unconditional, then none"},
+                              {"blocks", blocks}};
+    const std::string text = j.dump(1) + "\n";
+    io::write_file_atomically((fs::path(o_.out) / "routing.json").string(), "routing.json",
+                              std::as_bytes(std::span(text.data(), text.size())));
   }
 
   using B_traits = backend_traits<B>;
@@ -349,7 +428,8 @@ int main(int argc, char** argv) {
   auto& r = o.run;
   cli.add_option("--preset", r.preset, "model preset: mini-28 (28x28x1), mini-32 (32x32x3), S, B, L, XL")
       ->capture_default_str();
-  cli.add_option("--mlp", r.mlp, "MLP of the DiT blocks: dense, top-k, expert-choice, expert-race, promoe")
+  cli.add_option("--mlp", r.mlp, "MLP of the DiT blocks: dense, top-k, expert-choice, expert-race, promoe, promoe-no-rcl "
+                 "(ProMoE without the routing contrastive loss), promoe-no-cond (without conditional routing)")
       ->capture_default_str();
   cli.add_option("--objective", r.objective, "flow (rectified flow) or ddpm")->capture_default_str();
   cli.add_option("--experts", r.experts, "routed experts per MoE block")->capture_default_str();

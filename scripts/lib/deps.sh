@@ -2,7 +2,8 @@
 # Sourced by scripts/test.sh and scripts/demo.sh: makes sure the Debian packages promoe
 # builds with are installed. As root, installs the missing ones with apt-get; otherwise
 # names them and exits 1. `PROMOE_WITH_TEST_PACKAGES=1` (set by test.sh) adds what only the
-# tests need (PyTorch for the parity tests), which the demo does not install.
+# tests need (PyTorch for the parity tests), which the demo does not install;
+# `PROMOE_WITH_STUDY_PACKAGES=1` (set by study.sh) adds what its report needs (plots).
 
 PROMOE_DEB_PACKAGES=(
   cmake g++ make
@@ -13,6 +14,9 @@ PROMOE_DEB_PACKAGES=(
 )
 if [[ "${PROMOE_WITH_TEST_PACKAGES:-0}" == 1 ]]; then
   PROMOE_DEB_PACKAGES+=(python3 python3-torch python3-numpy)
+fi
+if [[ "${PROMOE_WITH_STUDY_PACKAGES:-0}" == 1 ]]; then
+  PROMOE_DEB_PACKAGES+=(python3 python3-matplotlib)
 fi
 
 promoe_missing_packages() {
