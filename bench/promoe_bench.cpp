@@ -1,17 +1,20 @@
 // SPDX-License-Identifier: Apache-2.0
-// promoe_bench: promoe's MoE layers, DiT training steps and DiT sampling on the CPU backend
-// (float32), timed the way bench/torch_bench.py times the PyTorch references; the case names
-// are the same, so the two result files join by name (scripts/bench.sh does).
+// promoe_bench: promoe's MoE layers, DiT training steps and DiT sampling (float32) on the CPU
+// backend, or with --device thrust / cuda on the Thrust backend (scripts/gpu-check.sh), timed
+// the way bench/torch_bench.py times the PyTorch references; the case names are the same, so
+// the two result files join by name (scripts/bench.sh does).
 //
-//   promoe_bench [--tokens 1024,4096,16384] [--reps 5] [--cases moe,dit,sample] [--json FILE]
+//   promoe_bench [--device cpu|thrust|cuda] [--tokens 1024,4096,16384] [--reps 5]
+//                [--cases moe,dit,sample] [--dit-presets mini-28,mini-32] [--json FILE]
 //
-// Every timing is one untimed warm-up call, then --reps timed calls; the median in ms.
+// Every timing is one untimed warm-up call, then --reps timed calls; the median in ms (on a
+// GPU each call ends with a device synchronisation, so its time is the device's).
 //  - moe.{promoe_s,top2_e8}.t{N}.{fwd,fwdbwd}: one MoE layer's training forward (with cache),
 //    and forward + backward. GEMM FLOPs are counted as torch_bench counts them, from the rows
 //    the layer's dispatch plan routed; right after each case a dense GEMM problem of equal
 //    FLOPs ([R, D] x [D, H] and back, through the same ops::gemm path) is timed: the ratio of
 //    the two rates says how close the layer gets to the machine's GEMM rate.
-//  - dit.{mini-28,mini-32}.{dense,promoe}.train_step: batch 64, rectified flow, forward, loss,
+//  - dit.<preset>.{dense,promoe}.train_step (--dit-presets): batch 64, rectified flow, forward, loss,
 //    backward, gradient clipping 0.5, AdamW (lr 1e-3). With the heap counters
 //    (heap_counter.hpp): the peak heap during a step, against parameters + gradients + AdamW
 //    state + the activations a forward leaves in the model's cache, and the allocations a step
@@ -24,8 +27,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
-#include <fstream>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -36,6 +39,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <promoe/io/atomic_file.hpp>
 #include <promoe/optim/clip.hpp>
 #include <promoe/promoe.hpp>
 
@@ -45,8 +49,8 @@
 namespace {
 
 using namespace promoe;
-using B = backend::cpu;
 using T = float;
+template <class B>
 using mat = tensor<T, B>;
 using json = nlohmann::ordered_json;
 
@@ -61,6 +65,9 @@ constexpr double dit_lr = 1e-3, dit_clip = 0.5;
 constexpr std::uint64_t seed = 0;
 
 // ------------------------------------------------------------------------------- timing
+/// Waits for the device's queued work (set by main to the backend's synchronize).
+void (*device_sync)() = [] {};
+
 struct measurement {
   double median_ms = 0;
   std::int64_t allocations = 0;  ///< most allocation calls in one timed call
@@ -76,12 +83,14 @@ measurement measure(int reps, F&& f) {
   std::vector<double> ms;
   ms.reserve(static_cast<std::size_t>(reps));
   f();
+  device_sync();
   measurement m;
   for (int r = 0; r < reps; ++r) {
     heap::reset_peak();
     const std::int64_t start = heap::live_bytes(), allocs = heap::allocations();
     const auto t0 = clk::now();
     f();
+    device_sync();
     const auto t1 = clk::now();
     m.allocations = std::max(m.allocations, heap::allocations() - allocs);
     if (heap::peak_bytes() >= m.peak_bytes) m.peak_bytes = heap::peak_bytes(), m.start_bytes = start;
@@ -182,12 +191,17 @@ class report {
 };
 
 // ------------------------------------------------------------------------------- inputs
-/// [rows, cols] ~ N(0, 1), a function of the stream.
-mat random_matrix(index_t rows, index_t cols, std::uint64_t stream) {
-  mat m({rows, cols});
-  T* p = m.data();
-  for (index_t i = 0; i < m.size(); ++i) p[i] = static_cast<T>(rng::normal(seed, stream, static_cast<std::uint64_t>(i)));
-  return m;
+/// n values ~ N(0, 1), a function of the stream.
+std::vector<T> normal_values(index_t n, std::uint64_t stream) {
+  std::vector<T> v(static_cast<std::size_t>(n));
+  for (index_t i = 0; i < n; ++i) v[i] = static_cast<T>(rng::normal(seed, stream, static_cast<std::uint64_t>(i)));
+  return v;
+}
+
+/// [rows, cols] ~ N(0, 1) in backend B's memory, a function of the stream.
+template <class B>
+mat<B> random_matrix(index_t rows, index_t cols, std::uint64_t stream) {
+  return mat<B>::from_host(normal_values(rows * cols, stream), {rows, cols});
 }
 
 /// Labels uniform in 0..num_classes-1 (torch_bench's null_labelled: then max(1, round(0.1 B))
@@ -208,25 +222,29 @@ std::vector<std::int64_t> moe_labels(index_t samples, std::uint64_t stream) {
 }
 
 // ------------------------------------------------------------------------------- MoE layers
-using promoe_s_layer = app::promoe_moe;  // promoe_layer<backend::cpu, float>
+template <class B>
+using promoe_s_layer = app::promoe_moe<B>;  // promoe_layer<B, float>
+template <class B>
 using top2_layer = moe_layer<router::top_k, expert::mlp<act::gelu_tanh>, losses<loss::load_balance>, B, T>;
 
 /// ProMoE-S: the ProMoE block of a DiT-S (D 384) as examples/dit_app.hpp configures it, with
 /// 12 routed experts: width 2D = 768, one unconditional and one shared expert (width 768),
 /// top-1 cosine router with identity score, routing contrastive loss (weight 1).
-promoe_s_layer::config promoe_s_config() {
+template <class B>
+typename promoe_s_layer<B>::config promoe_s_config() {
   app::run_config r;
   r.experts = 12;
   dit::dit_config d = dit::preset("S");
   d.num_classes = num_classes;
-  auto c = app::moe_config(r, d, static_cast<promoe_s_layer*>(nullptr));
+  auto c = app::moe_config(r, d, static_cast<promoe_s_layer<B>*>(nullptr));
   c.dim = d.hidden_size;  // the DiT sets it per model; shared_hidden 0: the routed width
   return c;
 }
 
 /// Top-2 of 8 GELU-tanh experts of width 1536, softmax, renormalised gates, load balance 0.01.
-top2_layer::config top2_e8_config() {
-  top2_layer::config c;
+template <class B>
+typename top2_layer<B>::config top2_e8_config() {
+  typename top2_layer<B>::config c;
   c.dim = 384, c.routed_experts = 8, c.expert_hidden = 1536;
   c.router = {.k = 2, .score = score_fn::softmax, .renormalize = true};
   c.loss = {{.weight = 0.01}};
@@ -255,11 +273,12 @@ double moe_fwd_flops(const Layer& layer, const typename Layer::cache& c) {
 /// The dense stand-in: X [R, D] through W1 [H, D] and W2 [D, H] (2 GEMMs, 4 R D H FLOPs) with
 /// R chosen so the FLOPs match `fwd_flops`; with backward also dW2, dH, dW1, dX (6 GEMMs,
 /// 3x). Returns {median ms, FLOPs}.
+template <class B>
 std::pair<double, double> dense_gemms(double fwd_flops, index_t d, index_t h, bool backward, int reps) {
   const index_t rows = std::max<index_t>(1, std::llround(fwd_flops / (4.0 * static_cast<double>(d * h))));
-  mat x = random_matrix(rows, d, 1), w1 = random_matrix(h, d, 2), w2 = random_matrix(d, h, 3),
-      dy = random_matrix(rows, d, 4);
-  mat hid({rows, h}), y({rows, d}), dh({rows, h}), dx({rows, d}), gw1({h, d}), gw2({d, h});
+  mat<B> x = random_matrix<B>(rows, d, 1), w1 = random_matrix<B>(h, d, 2), w2 = random_matrix<B>(d, h, 3),
+         dy = random_matrix<B>(rows, d, 4);
+  mat<B> hid({rows, h}), y({rows, d}), dh({rows, h}), dx({rows, d}), gw1({h, d}), gw2({d, h});
   gw1.fill(T(0)), gw2.fill(T(0));
   auto fwd = [&] {
     ops::gemm<B, T>(x.cmatrix(), transpose::no, w1.cmatrix(), transpose::yes, hid.matrix());
@@ -279,11 +298,12 @@ std::pair<double, double> dense_gemms(double fwd_flops, index_t d, index_t h, bo
 /// moe.<layer>.t<n>.fwd and .fwdbwd, each followed by its dense stand-in.
 template <class Layer>
 void moe_cases(const std::string& layer_name, const typename Layer::config& cfg, index_t n, report& out) {
+  using B = typename Layer::backend_type;
   Layer layer(cfg, rng{seed});
   typename Layer::cache cache;
   const index_t d = cfg.dim;
-  const mat x = random_matrix(n, d, 10), dy = random_matrix(n, d, 11);
-  mat y({n, d}), dx({n, d});
+  const mat<B> x = random_matrix<B>(n, d, 10), dy = random_matrix<B>(n, d, 11);
+  mat<B> y({n, d}), dx({n, d});
   const auto labels = moe_labels(n / tokens_per_sample, 12);
   auto forward = [&] { layer.forward(x.cmatrix(), labels, y.matrix(), cache); };
   forward();
@@ -313,7 +333,7 @@ void moe_cases(const std::string& layer_name, const typename Layer::config& cfg,
       forward();
       if (backward) layer.backward(dy.cmatrix(), cache, dx.matrix());
     });
-    const auto [dense_ms, dense_flops] = dense_gemms(fwd_flops, d, cfg.expert_hidden, backward, out.reps());
+    const auto [dense_ms, dense_flops] = dense_gemms<B>(fwd_flops, d, cfg.expert_hidden, backward, out.reps());
     case_result r;
     r.name = "moe." + layer_name + ".t" + std::to_string(n) + (backward ? ".fwdbwd" : ".fwd");
     r.median_ms = m.median_ms;
@@ -349,6 +369,7 @@ Model make_model(const app::run_config& r) {
 /// t logit-normal where torch_bench draws it uniform, which does not change the work).
 template <class Model>
 case_result dit_train_case(const app::run_config& r, int reps) {
+  using B = typename Model::backend_type;
   const auto d = dit::preset(r.preset);
   Model model = make_model<Model>(r);
   const auto params = model.parameters();
@@ -358,15 +379,17 @@ case_result dit_train_case(const app::run_config& r, int reps) {
   dit::training_batch<T, B> batch;
   typename Model::cache cache;
   const index_t n = r.batch;
-  mat x0({n, d.in_channels, d.input_size, d.input_size}), out({n, d.out_channels(), d.input_size, d.input_size}), dout;
+  mat<B> x0({n, d.in_channels, d.input_size, d.input_size}), out({n, d.out_channels(), d.input_size, d.input_size}),
+      dout;
+  std::vector<T> pixels;
   std::vector<std::int64_t> labels(static_cast<std::size_t>(n)), dropped;
   std::uint64_t step = 0;
   constexpr std::uint64_t data_stream = 1000, label_stream = 1ull << 40;
 
   auto train_step = [&] {
     ++step;
-    T* px = x0.data();
-    for (index_t i = 0; i < x0.size(); ++i) px[i] = static_cast<T>(rng::normal(seed, data_stream + 2 * step, i));
+    pixels = normal_values(x0.size(), data_stream + 2 * step);
+    backend_traits<B>::copy_from_host(pixels.data(), x0.size(), x0.data());
     for (index_t i = 0; i < n; ++i)
       labels[i] = static_cast<std::int64_t>(rng::uniform(seed, data_stream + 2 * step + 1, i) * num_classes);
     model.drop_labels(labels, rng{seed}, label_stream + step, dropped);
@@ -429,13 +452,15 @@ case_result sample_case(const app::run_config& r, int reps) {
 }
 
 // ------------------------------------------------------------------------------- families
-const std::vector<std::string> dit_presets{"mini-28", "mini-32"}, sample_presets{"mini-28"}, dit_mlps{"dense", "promoe"};
+const std::vector<std::string> sample_presets{"mini-28"}, dit_mlps{"dense", "promoe"};
 
-void run_family(const std::string& family, const std::vector<index_t>& token_counts, report& out) {
+template <class B>
+void run_family(const std::string& family, const std::vector<index_t>& token_counts,
+                const std::vector<std::string>& dit_presets, report& out) {
   if (family == "moe") {
     for (const index_t n : token_counts) {
-      moe_cases<promoe_s_layer>("promoe_s", promoe_s_config(), n, out);
-      moe_cases<top2_layer>("top2_e8", top2_e8_config(), n, out);
+      moe_cases<promoe_s_layer<B>>("promoe_s", promoe_s_config<B>(), n, out);
+      moe_cases<top2_layer<B>>("top2_e8", top2_e8_config<B>(), n, out);
     }
     return;
   }
@@ -443,7 +468,7 @@ void run_family(const std::string& family, const std::vector<index_t>& token_cou
   for (const auto& preset : train ? dit_presets : sample_presets)
     for (const auto& mlp : dit_mlps) {
       const auto r = dit_run(preset, mlp);
-      app::with_model_type(r, [&]<class Model>() {
+      app::with_model_type<B>(r, [&]<class Model>() {
         out.add(train ? dit_train_case<Model>(r, out.reps()) : sample_case<Model>(r, out.reps()));
       });
     }
@@ -451,11 +476,15 @@ void run_family(const std::string& family, const std::vector<index_t>& token_cou
 
 // ------------------------------------------------------------------------------- CLI
 constexpr const char* usage_text =
-    "usage: promoe_bench [--tokens N[,N...]] [--reps R] [--cases moe,dit,sample] [--json FILE]\n"
-    "  --tokens  MoE layer token counts, multiples of 256 (default 1024,4096,16384)\n"
-    "  --reps    timed calls per case after 1 warm-up (default 5)\n"
-    "  --cases   case families to run (default moe,dit,sample)\n"
-    "  --json    also write the results to FILE (via FILE.tmp, then renamed)\n";
+    "usage: promoe_bench [--device D] [--tokens N[,N...]] [--reps R] [--cases moe,dit,sample]\n"
+    "                    [--dit-presets P[,P...]] [--json FILE]\n"
+    "  --device       cpu (default on CPU builds), thrust (the Thrust backend on the build's device\n"
+    "                 system), cuda (the same, CUDA builds; their default)\n"
+    "  --tokens       MoE layer token counts, multiples of 256 (default 1024,4096,16384)\n"
+    "  --reps         timed calls per case after 1 warm-up (default 5)\n"
+    "  --cases        case families to run (default moe,dit,sample)\n"
+    "  --dit-presets  DiT presets of the training-step cases (default mini-28,mini-32; also S, B, ...)\n"
+    "  --json         also write the results to FILE (atomically: a temporary file, then renamed)\n";
 
 [[noreturn]] void usage_error(const std::string& msg) {
   std::fprintf(stderr, "promoe_bench: %s\n%s", msg.c_str(), usage_text);
@@ -487,6 +516,8 @@ struct options {
   std::vector<index_t> tokens{1024, 4096, 16384};
   int reps = 5;
   std::vector<std::string> cases{"moe", "dit", "sample"};
+  std::vector<std::string> dit_presets{"mini-28", "mini-32"};
+  std::string device = app::default_device;
   std::string json_path;
 };
 
@@ -498,11 +529,29 @@ options parse_options(int argc, char** argv) {
       std::printf("%s", usage_text);
       std::exit(0);
     }
-    if (arg != "--tokens" && arg != "--reps" && arg != "--cases" && arg != "--json")
+    if (arg != "--tokens" && arg != "--reps" && arg != "--cases" && arg != "--json" && arg != "--device" &&
+        arg != "--dit-presets")
       usage_error("unknown argument '" + std::string(arg) + "'");
     if (a + 1 >= argc) usage_error(std::string(arg) + " needs a value");
     const std::string_view val = argv[++a];
-    if (arg == "--reps") {
+    if (arg == "--device") {
+      o.device = val;
+      try {
+        app::check_device(o.device);
+      } catch (const std::exception& e) {
+        usage_error(e.what());
+      }
+    } else if (arg == "--dit-presets") {
+      o.dit_presets.clear();
+      for (const auto item : split(val, "--dit-presets")) {
+        try {
+          dit::preset(std::string(item));
+        } catch (const std::exception& e) {
+          usage_error(e.what());
+        }
+        o.dit_presets.emplace_back(item);
+      }
+    } else if (arg == "--reps") {
       o.reps = static_cast<int>(parse_positive(val, "--reps", 100000));
     } else if (arg == "--json") {
       o.json_path = val;
@@ -539,19 +588,17 @@ std::string compiler() {
 #endif
 }
 
-/// Writes FILE.tmp, then renames it to FILE.
+/// Writes the results file atomically (a temporary file, then renamed).
 void write_json(const std::string& path, const json& j) {
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream f(tmp);
-    PROMOE_CHECK(f, "cannot open ", tmp, " for writing");
-    f << j.dump(1) << "\n";
-    f.close();
-    PROMOE_CHECK(f, "cannot write ", tmp);
-  }
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  PROMOE_CHECK(!ec, "cannot rename ", tmp, " to ", path, " (", ec.message(), ")");
+  const std::string text = j.dump(1) + "\n";
+  io::write_file_atomically(path, "promoe_bench", std::as_bytes(std::span(text.data(), text.size())));
+}
+
+/// Runs the case families on backend B.
+template <class B>
+void run_all(const options& o, report& out) {
+  device_sync = [] { backend_traits<B>::synchronize(); };
+  for (const auto& family : o.cases) run_family<B>(family, o.tokens, o.dit_presets, out);
 }
 
 }  // namespace
@@ -568,15 +615,25 @@ int main(int argc, char** argv) {
 #else
   const char* gemm = "Eigen";
 #endif
-  std::printf("promoe_bench: cpu backend, float32, GEMM via %s, %d OpenMP thread(s), %s; median of %d after 1 "
+  const bool on_cpu = o.device == "cpu";
+#if defined(PROMOE_APP_THRUST) && THRUST_DEVICE_SYSTEM == THRUST_DEVICE_SYSTEM_CUDA
+  if (!on_cpu) gemm = "cuBLAS";
+#endif
+  std::printf("promoe_bench: %s backend, float32, GEMM via %s, %d OpenMP thread(s), %s; median of %d after 1 "
               "warm-up; heap counting %s\n",
-              gemm, threads, compiler().c_str(), o.reps, heap::available() ? "on (malloc + operator new)" : "off");
+              on_cpu ? "cpu" : "thrust", gemm, threads, compiler().c_str(), o.reps,
+              heap::available() ? "on (malloc + operator new; host memory only)" : "off");
   report out(o.reps);
   report::print_header();
   try {
-    for (const auto& family : o.cases) run_family(family, o.tokens, out);
+#if defined(PROMOE_APP_THRUST)
+    if (!on_cpu) run_all<backend::thrust>(o, out);
+    else
+#endif
+      run_all<backend::cpu>(o, out);
     if (!o.json_path.empty())
       write_json(o.json_path, {{"tool", "promoe_bench"},
+                               {"device", o.device},
                                {"threads", threads},
                                {"gemm", gemm},
                                {"compiler", compiler()},

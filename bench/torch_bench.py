@@ -1,15 +1,17 @@
 #!/usr/bin/env python3
-"""PyTorch side of the benchmark comparison: the reference MoE layers and DiTs timed on the CPU.
+"""PyTorch side of the benchmark comparison: the reference MoE layers and DiTs timed (eager).
 
-    /usr/bin/python3 bench/torch_bench.py [--threads 2] [--reps 5] [--tokens 1024,4096,16384]
-                                          [--cases moe,dit,sample] [--out FILE.json]
+    /usr/bin/python3 bench/torch_bench.py [--device cpu|cuda] [--threads 2] [--reps 5]
+                                          [--tokens 1024,4096,16384] [--cases moe,dit,sample]
+                                          [--dit-presets mini-28,mini-32] [--out FILE.json]
 
 Models are the parity references, imported unchanged: ``tests/parity/moe_reference.py``
 (``ProMoEBlock``, ``LinearTopKBlock``: a Python loop over experts with gather + ``index_add``)
 and ``tests/parity/dit_reference.py`` (``DiT``). float32, ``torch.manual_seed(0)``.
 
 How a timing is taken: one untimed warm-up call, then ``--reps`` timed calls, each timed with
-``time.perf_counter``; the median is reported in ms. ``--threads`` sets
+``time.perf_counter`` (on ``--device cuda`` after ``torch.cuda.synchronize()``, so the time
+is the device's); the median is reported in ms. ``--threads`` sets
 ``torch.set_num_threads`` and, before torch is imported, ``OMP_NUM_THREADS``,
 ``OPENBLAS_NUM_THREADS`` and ``MKL_NUM_THREADS`` (OpenBLAS ignores ``set_num_threads``), and
 ``OMP_WAIT_POLICY=PASSIVE`` unless already set: Debian's torch runs its own kernels on
@@ -34,9 +36,10 @@ Cases (the names are a contract with the C++ ``promoe_bench``):
   2 * rows * D * E for the router GEMM, rows = the tokens that are actually routed (the
   conditional ones for ProMoE); fwdbwd counts 3x fwd. ``router_ms`` (fwd rows only) times
   the routing alone (null-label mask, scores, top-k) under ``torch.no_grad``.
-* ``dit.{mini-28,mini-32}.{dense,promoe}.train_step``: batch 64; mini-28 = 28x28x1, patch 4,
-  D 96, mini-32 = 32x32x3, patch 4, D 128; both depth 6, 4 heads, mlp_ratio 4, 10 classes,
-  learn_sigma off. ``promoe`` puts a ProMoE MLP in blocks 1, 3, 5 (4 routed experts of width
+* ``dit.<preset>.{dense,promoe}.train_step`` (``--dit-presets``, default mini-28 and mini-32):
+  batch 64; mini-28 = 28x28x1, patch 4, D 96, mini-32 = 32x32x3, patch 4, D 128; both depth 6,
+  4 heads, mlp_ratio 4, 10 classes, learn_sigma off; S = DiT-S/2 on 32x32x4 latents (depth 12,
+  D 384, 6 heads, 1000 classes, learn_sigma on: the loss takes the first 4 output channels). ``promoe`` puts a ProMoE MLP in blocks 1, 3, 5 (4 routed experts of width
   2D, 1 unconditional, 1 shared, top-1 prototypical router, RCL). One step: x0 ~ N(0, 1),
   labels uniform in 0..9 with 10 % dropped to the null label, t ~ U(0, 1) per sample,
   x_t = (1 - t) x0 + t e, target e - x0, ``model(x_t, 1000 t, labels)``, mse + aux losses,
@@ -48,7 +51,7 @@ Cases (the names are a contract with the C++ ``promoe_bench``):
 
 JSON written to ``--out`` (FILE.tmp, then ``os.replace``)::
 
-    {"tool": "torch_bench", "torch_version": str, "threads": int, "blas": str, "reps": int,
+    {"tool": "torch_bench", "torch_version": str, "device": str, "threads": int, "blas": str, "reps": int,
      "cases": [{"name": str, "median_ms": float, "flops": float|null, "gflops": float|null,
                 "images_per_s": float|null, "router_ms": float|null}]}
 """
@@ -85,13 +88,19 @@ MOE_LAYERS = {
 }
 # DiT presets: dit_reference.dit_config overrides (the C++ dit::preset values).
 DIT_PRESETS = {
-    "mini-28": dict(input_size=28, patch_size=4, in_channels=1, hidden_size=96, depth=6, num_heads=4),
-    "mini-32": dict(input_size=32, patch_size=4, in_channels=3, hidden_size=128, depth=6, num_heads=4),
+    "mini-28": dict(input_size=28, patch_size=4, in_channels=1, hidden_size=96, depth=6, num_heads=4,
+                    num_classes=NUM_CLASSES, learn_sigma=False),
+    "mini-32": dict(input_size=32, patch_size=4, in_channels=3, hidden_size=128, depth=6, num_heads=4,
+                    num_classes=NUM_CLASSES, learn_sigma=False),
+    "S": dict(input_size=32, patch_size=2, in_channels=4, hidden_size=384, depth=12, num_heads=6,
+              num_classes=1000, learn_sigma=True),
 }
+DEFAULT_DIT_PRESETS = ["mini-28", "mini-32"]
 SAMPLE_PRESETS = ["mini-28"]
 DIT_MLPS = ["dense", "promoe"]
 
 torch = F = moe_ref = dit_ref = None  # bound by load_torch()
+DEVICE = "cpu"  # set from --device
 
 
 def load_torch(threads):
@@ -111,13 +120,21 @@ def load_torch(threads):
     torch.manual_seed(0)
 
 
+def sync():
+    """Waits for the device's queued work (CUDA launches are asynchronous)."""
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 def median_ms(fn, reps):
     """One untimed warm-up call, then the median of `reps` timed calls, in ms."""
     fn()
+    sync()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
@@ -149,7 +166,7 @@ def null_labelled(labels):
     """Sets max(1, round(NULL_FRACTION * B)) randomly chosen samples to the null label."""
     b = labels.shape[0]
     n_null = max(1, round(NULL_FRACTION * b))
-    labels[torch.randperm(b)[:n_null]] = NUM_CLASSES
+    labels[torch.randperm(b, device=labels.device)[:n_null]] = NUM_CLASSES
     return labels
 
 
@@ -173,11 +190,11 @@ def moe_fwd_flops(block, h, labels):
 def moe_layer_cases(layer, n):
     """The fwd and fwdbwd cases of one MoE layer at n tokens (one block, input and dy shared)."""
     overrides = MOE_LAYERS[layer]
-    block = moe_ref.build_block(moe_ref.default_config(dtype="float32", **overrides)).float()
+    block = moe_ref.build_block(moe_ref.default_config(dtype="float32", **overrides)).float().to(DEVICE)
     d, b = overrides["hidden_size"], n // TOKENS_PER_SAMPLE
-    x = torch.randn(b, TOKENS_PER_SAMPLE, d, requires_grad=True)
-    dy = torch.randn(b, TOKENS_PER_SAMPLE, d)
-    labels = null_labelled(torch.randint(0, NUM_CLASSES, (b,)))
+    x = torch.randn(b, TOKENS_PER_SAMPLE, d, device=DEVICE, requires_grad=True)
+    dy = torch.randn(b, TOKENS_PER_SAMPLE, d, device=DEVICE)
+    labels = null_labelled(torch.randint(0, NUM_CLASSES, (b,), device=DEVICE))
 
     def fwd():
         return block(x, labels, True)
@@ -208,9 +225,8 @@ def build_dit(preset, mlp):
             use_uncond_expert=True, use_shared_expert=True, shared_expert_intermediate_size=2 * d,
             top_k=1, router_weight_mode="identity", routing_contrastive_lam=1.0, null_label=NUM_CLASSES,
             dtype="float32")
-    cfg = dit_ref.dit_config(num_classes=NUM_CLASSES, mlp_ratio=4.0, learn_sigma=False, interleave=True,
-                             moe=moe, dtype="float32", **DIT_PRESETS[preset])
-    return dit_ref.DiT(cfg).to(torch.float32)  # pos_embed comes as float64
+    cfg = dit_ref.dit_config(mlp_ratio=4.0, interleave=True, moe=moe, dtype="float32", **DIT_PRESETS[preset])
+    return dit_ref.DiT(cfg).to(torch.float32).to(DEVICE)  # pos_embed comes as float64
 
 
 def image_shape(preset):
@@ -223,16 +239,17 @@ def dit_train_case(preset, mlp):
     params = [p for _, p in model.trainable_parameters()]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
     shape = (DIT_BATCH,) + image_shape(preset)
+    null = DIT_PRESETS[preset]["num_classes"]
 
     def step():
-        x0 = torch.randn(shape)
-        y = torch.randint(0, NUM_CLASSES, (DIT_BATCH,))
-        y = torch.where(torch.rand(DIT_BATCH) < NULL_FRACTION, torch.full_like(y, NUM_CLASSES), y)
-        t = torch.rand(DIT_BATCH)
-        e = torch.randn(shape)
+        x0 = torch.randn(shape, device=DEVICE)
+        y = torch.randint(0, NUM_CLASSES, (DIT_BATCH,), device=DEVICE)
+        y = torch.where(torch.rand(DIT_BATCH, device=DEVICE) < NULL_FRACTION, torch.full_like(y, null), y)
+        t = torch.rand(DIT_BATCH, device=DEVICE)
+        e = torch.randn(shape, device=DEVICE)
         tb = t.view(-1, 1, 1, 1)
         out, aux = model((1 - tb) * x0 + tb * e, t * 1000, y, True)
-        loss = F.mse_loss(out, e - x0) + aux
+        loss = F.mse_loss(out[:, :shape[1]], e - x0) + aux  # learn_sigma: the first C channels
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 0.5)
         opt.step()
@@ -245,15 +262,17 @@ def sample_case(preset, mlp):
     model = build_dit(preset, mlp).eval()
     shape = (DIT_BATCH,) + image_shape(preset)
 
+    null = DIT_PRESETS[preset]["num_classes"]
+
     @torch.no_grad()
     def sample():
-        x = torch.randn(shape)
-        y = torch.randint(0, NUM_CLASSES, (DIT_BATCH,))
-        y2 = torch.cat([y, torch.full_like(y, NUM_CLASSES)])  # conditional, then null-label half
+        x = torch.randn(shape, device=DEVICE)
+        y = torch.randint(0, NUM_CLASSES, (DIT_BATCH,), device=DEVICE)
+        y2 = torch.cat([y, torch.full_like(y, null)])  # conditional, then null-label half
         sigmas = torch.linspace(1.0, 0.0, SAMPLE_STEPS + 1).tolist()
         for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-            out, _ = model(torch.cat([x, x]), torch.full((2 * DIT_BATCH,), 1000.0 * s), y2, False)
-            cond, uncond = out.chunk(2)
+            out, _ = model(torch.cat([x, x]), torch.full((2 * DIT_BATCH,), 1000.0 * s, device=DEVICE), y2, False)
+            cond, uncond = out[:, :shape[1]].chunk(2)  # learn_sigma: the first C channels
             x = x + (s_next - s) * (uncond + CFG_SCALE * (cond - uncond))
         return x
 
@@ -264,7 +283,7 @@ def sample_case(preset, mlp):
 # before it is timed and dropped after.
 CASE_FAMILIES = {
     "moe": lambda args: (c for n in args.tokens for layer in MOE_LAYERS for c in moe_layer_cases(layer, n)),
-    "dit": lambda args: (dit_train_case(p, mlp) for p in DIT_PRESETS for mlp in DIT_MLPS),
+    "dit": lambda args: (dit_train_case(p, mlp) for p in args.dit_presets for mlp in DIT_MLPS),
     "sample": lambda args: (sample_case(p, mlp) for p in SAMPLE_PRESETS for mlp in DIT_MLPS),
 }
 
@@ -275,6 +294,12 @@ def token_count(s):
     if n < TOKENS_PER_SAMPLE or n % TOKENS_PER_SAMPLE:
         raise ValueError("token count %s is not a positive multiple of %d" % (s, TOKENS_PER_SAMPLE))
     return n
+
+
+def dit_preset(s):
+    if s not in DIT_PRESETS:
+        raise ValueError("unknown DiT preset %r (choose from %s)" % (s, ",".join(DIT_PRESETS)))
+    return s
 
 
 def case_family(s):
@@ -305,6 +330,9 @@ def parse_args(argv=None):
                     help="MoE layer token counts, multiples of 256 (default 1024,4096,16384)")
     ap.add_argument("--cases", type=csv_list(case_family), default=list(CASE_FAMILIES),
                     help="case families to run (default moe,dit,sample)")
+    ap.add_argument("--dit-presets", type=csv_list(dit_preset), default=DEFAULT_DIT_PRESETS,
+                    help="DiT presets of the training-step cases (default mini-28,mini-32; also S)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where torch runs (default cpu)")
     ap.add_argument("--out", default=None, help="write the results as JSON to this file")
     args = ap.parse_args(argv)
     if args.threads < 1 or args.reps < 1:
@@ -313,12 +341,20 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    global DEVICE
     args = parse_args(argv)
     load_torch(args.threads)
-    report = {"tool": "torch_bench", "torch_version": torch.__version__, "threads": args.threads,
-              "blas": blas_info(), "reps": args.reps, "cases": []}
-    print("torch_bench: torch %s, float32, %d thread(s), BLAS %s, median of %d after 1 warm-up"
-          % (report["torch_version"], args.threads, report["blas"], args.reps))
+    DEVICE = args.device
+    if DEVICE == "cuda":
+        if not torch.cuda.is_available():
+            sys.exit("torch_bench: --device cuda, but this torch sees no CUDA device")
+        blas = "cuBLAS (%s)" % torch.cuda.get_device_name()
+    else:
+        blas = blas_info()
+    report = {"tool": "torch_bench", "torch_version": torch.__version__, "device": DEVICE, "threads": args.threads,
+              "blas": blas, "reps": args.reps, "cases": []}
+    print("torch_bench: torch %s on %s, float32, %d thread(s), BLAS %s, median of %d after 1 warm-up"
+          % (report["torch_version"], DEVICE, args.threads, report["blas"], args.reps))
     print("%-34s %11s %9s %9s %10s" % ("case", "ms", "GFLOP/s", "images/s", "router ms"))
     for family in args.cases:
         for case in CASE_FAMILIES[family](args):

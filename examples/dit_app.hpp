@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // What train_dit and sample_dit share: the run configuration (saved in checkpoints as JSON),
-// the model for each MLP kind, loading a checkpoint's weights, and class-grid sampling.
+// the device (backend), the model for each MLP kind, loading a checkpoint's weights, and
+// class-grid sampling.
 #pragma once
 
 #include <algorithm>
@@ -15,12 +16,40 @@
 #include <promoe/io/png.hpp>
 #include <promoe/optim/adamw.hpp>
 #include <promoe/optim/ema.hpp>
+#if defined(PROMOE_APP_THRUST)
+#include <promoe/backend/thrust.hpp>
+#endif
 
 namespace app {
 
 using namespace promoe;
-using B = backend::cpu;
 using T = float;
+
+/// The devices of this build: "cpu" (Eigen), and with the Thrust backend "thrust" (Thrust's
+/// device system of the build: the GPU, or OpenMP threads where the build has no CUDA) and,
+/// on a CUDA build, "cuda" (the same backend; the default there).
+#if defined(PROMOE_APP_THRUST) && THRUST_DEVICE_SYSTEM == THRUST_DEVICE_SYSTEM_CUDA
+inline constexpr const char* default_device = "cuda";
+#else
+inline constexpr const char* default_device = "cpu";
+#endif
+
+inline void check_device(const std::string& device) {
+#if defined(PROMOE_APP_THRUST)
+  constexpr bool thrust = true;
+  constexpr bool cuda = THRUST_DEVICE_SYSTEM == THRUST_DEVICE_SYSTEM_CUDA;
+#else
+  constexpr bool thrust = false, cuda = false;
+#endif
+  PROMOE_CHECK(device == "cpu" || device == "thrust" || device == "cuda", "unknown --device '", device,
+               "' (expected cpu, thrust or cuda)");
+  PROMOE_CHECK(device != "thrust" || thrust,
+               "--device thrust: this build has no Thrust backend (configure with -DPROMOE_THRUST_DEVICE_SYSTEM=OMP "
+               "or CUDA)");
+  PROMOE_CHECK(device != "cuda" || cuda,
+               "--device cuda: this build has no CUDA backend (configure with -DPROMOE_THRUST_DEVICE_SYSTEM=CUDA on a "
+               "machine with the CUDA toolkit)");
+}
 
 /// The MLP kinds of train_dit: a dense MLP, three baseline routers, ProMoE and its two
 /// ablations (without the routing contrastive loss; without conditional routing, i.e. no
@@ -73,17 +102,22 @@ struct run_config {
   }
 };
 
-// The MoE layer of each kind (GELU-tanh MLP experts).
+// The MoE layer of each kind (GELU-tanh MLP experts) on backend B.
+template <class B>
 using promoe_moe = promoe_layer<B, T>;
+template <class B>
 using top_k_moe = moe_layer<router::top_k, expert::mlp<act::gelu_tanh>, losses<loss::load_balance>, B, T>;
+template <class B>
 using expert_choice_moe = moe_layer<router::expert_choice, expert::mlp<act::gelu_tanh>, losses<>, B, T>;
+template <class B>
 using expert_race_moe = moe_layer<router::expert_race, expert::mlp<act::gelu_tanh>, losses<>, B, T>;
 
 /// The MoE config of a kind, sized as the papers compare them: ProMoE's experts are 2D wide
 /// with a shared expert (activated parameters = the dense MLP's); the baselines' are full width.
 /// The ablations change only what their names say.
-inline promoe_moe::config moe_config(const run_config& r, const dit::dit_config& d, promoe_moe*) {
-  promoe_moe::config c;
+template <class B>
+typename promoe_moe<B>::config moe_config(const run_config& r, const dit::dit_config& d, promoe_moe<B>*) {
+  typename promoe_moe<B>::config c;
   c.routed_experts = r.experts, c.expert_hidden = 2 * d.hidden_size;
   c.unconditional_experts = r.mlp == "promoe-no-cond" ? 0 : 1;
   c.shared_experts = 1;
@@ -92,35 +126,48 @@ inline promoe_moe::config moe_config(const run_config& r, const dit::dit_config&
   c.loss = {{r.mlp == "promoe-no-rcl" ? 0.0 : 1.0, 0.07, true}};
   return c;
 }
-inline top_k_moe::config moe_config(const run_config& r, const dit::dit_config& d, top_k_moe*) {
-  top_k_moe::config c;
+template <class B>
+typename top_k_moe<B>::config moe_config(const run_config& r, const dit::dit_config& d, top_k_moe<B>*) {
+  typename top_k_moe<B>::config c;
   c.routed_experts = r.experts, c.expert_hidden = d.mlp_hidden();
   c.router = {1, score_fn::softmax, false};
   c.loss = {{0.01}};
   c.names = param_naming::dit_moe();
   return c;
 }
-inline expert_choice_moe::config moe_config(const run_config& r, const dit::dit_config& d, expert_choice_moe*) {
-  expert_choice_moe::config c;
+template <class B>
+typename expert_choice_moe<B>::config moe_config(const run_config& r, const dit::dit_config& d, expert_choice_moe<B>*) {
+  typename expert_choice_moe<B>::config c;
   c.routed_experts = r.experts, c.expert_hidden = d.mlp_hidden();
   c.router = {1.0, true, score_fn::softmax};
   return c;
 }
-inline expert_race_moe::config moe_config(const run_config& r, const dit::dit_config& d, expert_race_moe*) {
-  expert_race_moe::config c;
+template <class B>
+typename expert_race_moe<B>::config moe_config(const run_config& r, const dit::dit_config& d, expert_race_moe<B>*) {
+  typename expert_race_moe<B>::config c;
   c.routed_experts = r.experts, c.expert_hidden = d.mlp_hidden();
   c.router.k = 1;
   return c;
 }
 
-/// Calls f.template operator()<Model>() with the model type of the run's MLP kind.
-template <class F>
+/// Calls f.template operator()<Model>() with the model type of the run's MLP kind on backend B.
+template <class B, class F>
 decltype(auto) with_model_type(const run_config& r, F&& f) {
   if (r.mlp == "dense") return f.template operator()<dit::dit_model<B, T>>();
-  if (r.mlp == "top-k") return f.template operator()<dit::dit_model<B, T, top_k_moe>>();
-  if (r.mlp == "expert-choice") return f.template operator()<dit::dit_model<B, T, expert_choice_moe>>();
-  if (r.mlp == "expert-race") return f.template operator()<dit::dit_model<B, T, expert_race_moe>>();
-  return f.template operator()<dit::dit_model<B, T, promoe_moe>>();
+  if (r.mlp == "top-k") return f.template operator()<dit::dit_model<B, T, top_k_moe<B>>>();
+  if (r.mlp == "expert-choice") return f.template operator()<dit::dit_model<B, T, expert_choice_moe<B>>>();
+  if (r.mlp == "expert-race") return f.template operator()<dit::dit_model<B, T, expert_race_moe<B>>>();
+  return f.template operator()<dit::dit_model<B, T, promoe_moe<B>>>();  // promoe and its ablations
+}
+
+/// The same on the device's backend (checked with check_device).
+template <class F>
+decltype(auto) with_model_type(const run_config& r, const std::string& device, F&& f) {
+  check_device(device);
+#if defined(PROMOE_APP_THRUST)
+  if (device != "cpu") return with_model_type<backend::thrust>(r, std::forward<F>(f));
+#endif
+  return with_model_type<backend::cpu>(r, std::forward<F>(f));
 }
 
 template <class Model>
@@ -148,6 +195,7 @@ inline std::vector<std::uint8_t> to_bytes(const std::vector<T>& x) {
 template <class Model>
 std::vector<T> sample(Model& model, const run_config& r, std::span<const std::int64_t> labels, double cfg_scale,
                       index_t steps, std::uint64_t seed) {
+  using B = typename Model::backend_type;
   const auto& d = model.cfg();
   dit::inference_model<Model> net(model);
   auto guided = dit::classifier_free_guidance<T, B>(net, cfg_scale, d.num_classes);

@@ -12,6 +12,10 @@
       train_dit on an image folder (one sub-folder of PNGs per class) and on latents from a
       safetensors file; sample_dit writes raw samples to a .safetensors file.
 
+  program_tests.py devices --train BIN --sample BIN --work DIR --devices cpu,thrust
+      The same ProMoE training run and the same samples on each device (the first is the
+      reference): losses within 1e-4 relative, samples within 1e-3, for every step.
+
   program_tests.py kill --train BIN --sample BIN --work DIR
       SIGKILLs train_dit while it writes a checkpoint (caught by watching for the temporary
       file), checks that the previous checkpoint still loads (sample_dit), resumes the run and
@@ -224,6 +228,46 @@ def data(a):
     print("sample_dit wrote raw samples [3, 1, 28, 28] and labels to a .safetensors file")
 
 
+def read_safetensors_f32(path, name):
+    header = read_safetensors_header(path)
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        f.seek(8 + n + header[name]["data_offsets"][0])
+        count = 1
+        for d in header[name]["shape"]:
+            count *= d
+        return struct.unpack(f"<{count}f", f.read(4 * count))
+
+
+def devices(a):
+    names = a.devices.split(",")
+    if len(names) < 2:
+        sys.exit("--devices needs at least two devices to compare")
+    losses, samples = {}, {}
+    for dev in names:
+        out = os.path.join(a.work, "run_" + dev)
+        run([a.train, *BASE, "--device", dev, "--mlp", "promoe", "--steps", "6", "--log-every", "1",
+             "--sample-every", "6", "--out", out])
+        with open(os.path.join(out, "log.csv")) as f:
+            losses[dev] = [float(line.split(",")[1]) for line in f.read().splitlines()[1:]]
+        raw = os.path.join(a.work, f"samples_{dev}.safetensors")
+        run([a.sample, "--device", dev, "--checkpoint", os.path.join(out, "checkpoint.safetensors"),
+             "--num-samples", "4", "--steps", "3", "--cfg-scale", "1.5", "--out", raw])
+        samples[dev] = read_safetensors_f32(raw, "samples")
+    ref = names[0]
+    if len(losses[ref]) != 6:
+        sys.exit(f"{ref}: expected 6 logged steps, got {losses[ref]}")
+    for dev in names[1:]:
+        if len(losses[dev]) != len(losses[ref]):
+            sys.exit(f"{dev}: {len(losses[dev])} logged steps, {ref}: {len(losses[ref])}")
+        worst = max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(losses[ref], losses[dev]))
+        far = max(abs(x - y) for x, y in zip(samples[ref], samples[dev]))
+        print(f"{dev} vs {ref}: losses {losses[dev]}, largest relative difference {worst:.3g}; "
+              f"samples differ by at most {far:.3g}")
+        if worst > 1e-4 or far > 1e-3:
+            sys.exit(f"{dev} does not reproduce {ref}: losses {losses[ref]} vs {losses[dev]}, samples {far:.3g}")
+
+
 def kill(a):
     work = a.work
     # 64 routed experts per MoE block make the checkpoint about 110 MB, so its write lasts long
@@ -270,14 +314,15 @@ def kill(a):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("test", choices=["errors", "data", "kill"])
+    ap.add_argument("test", choices=["errors", "data", "devices", "kill"])
     ap.add_argument("--train", required=True)
     ap.add_argument("--sample", required=True)
     ap.add_argument("--work", required=True)
+    ap.add_argument("--devices", default="cpu,thrust", help="devices test: the devices to compare, reference first")
     a = ap.parse_args()
     shutil.rmtree(a.work, ignore_errors=True)
     os.makedirs(a.work)
-    {"errors": errors, "data": data, "kill": kill}[a.test](a)
+    {"errors": errors, "data": data, "devices": devices, "kill": kill}[a.test](a)
 
 
 if __name__ == "__main__":

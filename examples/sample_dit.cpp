@@ -24,6 +24,7 @@ int main(int argc, char** argv) {
   std::uint64_t seed = 0;
   std::vector<std::int64_t> labels;
   bool raw_weights = false;
+  std::string device = default_device;
   cli.add_option("--checkpoint", checkpoint, "checkpoint written by train_dit")->required();
   cli.add_option("--num-samples", num_samples, "images to sample")->capture_default_str();
   cli.add_option("--cfg-scale", cfg_scale, "classifier-free guidance scale (>= 1)")->capture_default_str();
@@ -35,6 +36,7 @@ int main(int argc, char** argv) {
                  "output .npz (uint8 images; the grid goes next to it as .png) or .safetensors (the raw samples "
                  "[N,C,H,W] float32 and labels, e.g. latents for a decoder)")
       ->capture_default_str();
+  cli.add_option("--device", device, "where to sample: cpu, thrust or cuda (as train_dit)")->capture_default_str();
   cli.add_flag("--raw-weights", raw_weights, "use the trained weights instead of their EMA");
   CLI11_PARSE(cli, argc, argv);
   try {
@@ -43,7 +45,8 @@ int main(int argc, char** argv) {
     const auto info = io::read_checkpoint_info(checkpoint);
     const run_config r = run_config::from_json(info.config, checkpoint);
     r.validate();
-    with_model_type(r, [&]<class Model>() {
+    with_model_type(r, device, [&]<class Model>() {
+      using B = typename Model::backend_type;
       const auto d = dit::preset(r.preset);
       Model model(d, model_moe_config<Model>(r, d), rng{r.seed});
       // the trained weights and buffers, then (by default) the EMA weights over the parameters

@@ -29,6 +29,7 @@ struct cli_options {
   run_config run;
   index_t steps = 3000;
   std::string data = io::fashion_mnist_default_dir();
+  std::string device = default_device;
   std::string out = "out";
   index_t sample_every = 1000;
   index_t checkpoint_every = 500;
@@ -199,6 +200,8 @@ class routing_counts {
 
 template <class Model>
 class trainer {
+  using B = typename Model::backend_type;
+
  public:
   trainer(const cli_options& o, const training_data& data)
       : o_(o), r_(o.run), d_(dit::preset(o.run.preset)), data_(data),
@@ -431,6 +434,10 @@ int main(int argc, char** argv) {
   cli.add_option("--mlp", r.mlp, "MLP of the DiT blocks: dense, top-k, expert-choice, expert-race, promoe, promoe-no-rcl "
                  "(ProMoE without the routing contrastive loss), promoe-no-cond (without conditional routing)")
       ->capture_default_str();
+  cli.add_option("--device", o.device,
+                 "where to train: cpu, thrust (the build's Thrust device system: the GPU on a CUDA build, else OpenMP) "
+                 "or cuda (CUDA builds)")
+      ->capture_default_str();
   cli.add_option("--objective", r.objective, "flow (rectified flow) or ddpm")->capture_default_str();
   cli.add_option("--experts", r.experts, "routed experts per MoE block")->capture_default_str();
   cli.add_option("--steps", o.steps, "training steps")->capture_default_str();
@@ -465,7 +472,7 @@ int main(int argc, char** argv) {
                  "--steps, --sample-every and --checkpoint-every must be >= 1, --log-every >= 0");
     PROMOE_CHECK(!(o.resume && o.overwrite), "--resume and --overwrite exclude each other");
     const auto data = training_data::load(o.data, dit::preset(r.preset));
-    with_model_type(r, [&]<class Model>() {
+    with_model_type(r, o.device, [&]<class Model>() {
       trainer<Model> t(o, data);
       t.run();
     });

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Report of scripts/study.sh: reads <out>/floor.json and <out>/runs/<variant>-s<seed>/
 (eval-<step>-cfg<g>.json from promoe-evaluate, routing.json from train_dit) and writes
-<out>/results.json, <out>/results.md and <out>/fd_steps.png (FD against steps, guidance 1.5)."""
+<out>/results.json, <out>/results.md, <out>/fd_steps.png (FD against steps, guidance 1.5) and,
+from each variant's first seed, <out>/samples.png (its train_dit sample grid: a row per class)
+and <out>/routing.png (its routing map)."""
 import json
 import math
 import re
@@ -129,6 +131,32 @@ def plot(out, runs):
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "fd_steps.png")
+    plt.close(fig)
+    montage(out, runs, "samples.png", "samples at the last step (EMA weights, guidance 2; a row per class)")
+    montage(out, runs, "routing.png", "first MoE block: each class's most frequent expert per token position "
+                                      "(a colour per expert; grey: unconditional)")
+
+
+def montage(out, runs, picture, title):
+    """One panel per variant (its first seed's <run>/<picture>), side by side, into <out>/<picture>."""
+    import matplotlib.image as mpimg
+    import matplotlib.pyplot as plt
+    firsts = {}
+    for r in runs:
+        firsts.setdefault(r["variant"], r)
+    panels = [(v, out / "runs" / f"{v}-s{r['seed']}" / picture) for v, r in firsts.items()]
+    panels = [(v, p) for v, p in panels if p.exists()]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 2.6), dpi=150, squeeze=False)
+    for ax, (v, p) in zip(axes[0], panels):
+        ax.imshow(mpimg.imread(p), cmap="gray", interpolation="nearest")
+        ax.set_title(v, fontsize=8)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / picture)
+    plt.close(fig)
 
 
 def main():

@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Sourced by scripts/test.sh and scripts/demo.sh: configures the build tree.
+# Sourced by the scripts: configures the build tree. promoe_configure REPO [CMAKE-ARGS...]
 #   PROMOE_BUILD_DIR             build tree (default: build/ in the repository)
 #   PROMOE_THRUST_DEVICE_SYSTEM  OFF, CPP, OMP or CUDA (default: OMP when the CUDA
 #                                toolkit's Thrust is installed, else OFF)
@@ -7,6 +7,7 @@
 
 promoe_configure() {
   local repo="$1"
+  shift
   PROMOE_BUILD_DIR="${PROMOE_BUILD_DIR:-$repo/build}"
   export CCACHE_DIR="${CCACHE_DIR:-$repo/.ccache}"
   # shellcheck disable=SC2034  # read by the scripts that source this file
@@ -27,5 +28,5 @@ promoe_configure() {
 
   cmake -S "$repo" -B "$PROMOE_BUILD_DIR" \
     -DCMAKE_BUILD_TYPE=Release \
-    -DPROMOE_THRUST_DEVICE_SYSTEM="$thrust"
+    -DPROMOE_THRUST_DEVICE_SYSTEM="$thrust" "$@"
 }

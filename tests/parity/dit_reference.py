@@ -113,7 +113,7 @@ class TimestepEmbedder(nn.Module):
     def timestep_embedding(t, dim, max_period=MAX_PERIOD):
         """[cos(t f), sin(t f)], f_i = exp(-ln(max_period) i / half); computed in float64."""
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(0, half, dtype=torch.float64) / half)
+        freqs = torch.exp(-math.log(max_period) * torch.arange(0, half, dtype=torch.float64, device=t.device) / half)
         args = t.detach().to(torch.float64)[:, None] * freqs[None]
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:

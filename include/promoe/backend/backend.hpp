@@ -78,6 +78,8 @@ concept Backend = requires(index_t n, float* f, const float* cf, double* d, cons
   backend_traits<B>::fill(f, n, 0.0f);
   { backend_traits<B>::sum(cd, n) } -> std::same_as<double>;
   { backend_traits<B>::first_non_finite(cf, n) } -> std::same_as<index_t>;
+  // wait for queued device work (timing)
+  backend_traits<B>::synchronize();
 };
 
 }  // namespace promoe

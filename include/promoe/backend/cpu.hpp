@@ -32,6 +32,9 @@ struct backend_traits<backend::cpu> {
   template <class T>
   using buffer = std::vector<T, Eigen::aligned_allocator<T>>;
 
+  /// Waits for queued work: none on the host.
+  static void synchronize() {}
+
   template <class T>
   static T* raw(buffer<T>& b) { return b.data(); }
   template <class T>

@@ -26,6 +26,7 @@
 #include <thrust/sort.h>
 #include <thrust/transform.h>
 
+#include "../core/error.hpp"
 #include "backend.hpp"
 
 #if THRUST_DEVICE_SYSTEM != THRUST_DEVICE_SYSTEM_CUDA
@@ -94,6 +95,15 @@ struct backend_traits<backend::thrust> {
 
   template <class T>
   using buffer = ::thrust::device_vector<T>;
+
+  /// Waits for the device's queued work (timing, or before the host reads results some
+  /// other way than through a buffer) and reports a failed launch or copy.
+  static void synchronize() {
+#if THRUST_DEVICE_SYSTEM == THRUST_DEVICE_SYSTEM_CUDA
+    const cudaError_t e = cudaDeviceSynchronize();
+    PROMOE_CHECK(e == cudaSuccess, "CUDA device: ", cudaGetErrorName(e), " (", cudaGetErrorString(e), ")");
+#endif
+  }
 
   template <class T>
   static T* raw(buffer<T>& b) { return ::thrust::raw_pointer_cast(b.data()); }
