@@ -26,6 +26,10 @@
 #include <thrust/sort.h>
 #include <thrust/transform.h>
 
+#if THRUST_DEVICE_SYSTEM == THRUST_DEVICE_SYSTEM_CUDA
+#include <thrust/system/cuda/execution_policy.h>
+#endif
+
 #include "../core/error.hpp"
 #include "backend.hpp"
 
@@ -64,6 +68,17 @@ struct naive_gemm_functor {
     out = (beta == T(0) ? T(0) : beta * out) + alpha * acc;
   }
 };
+
+/// The execution policy of work whose result stays on the device: on CUDA par_nosync (queued
+/// on the default stream, in order with the other launches and cuBLAS; the host goes on and
+/// meets the results at its next copy to the host), elsewhere thrust::device.
+inline auto queued() {
+#if THRUST_DEVICE_SYSTEM == THRUST_DEVICE_SYSTEM_CUDA
+  return ::thrust::cuda::par_nosync;
+#else
+  return ::thrust::device;
+#endif
+}
 
 template <class T>
 struct is_not_finite {
@@ -121,7 +136,7 @@ struct backend_traits<backend::thrust> {
         return;
       }
     }
-    ::thrust::for_each_n(::thrust::device, ::thrust::counting_iterator<index_t>(0), n, f);
+    ::thrust::for_each_n(detail::queued(), ::thrust::counting_iterator<index_t>(0), n, f);
   }
 
   /// task(i) for every i in [0, n), one after another: each task's own operations are the
@@ -153,18 +168,18 @@ struct backend_traits<backend::thrust> {
                            index_t* offsets) {
     auto k = ::thrust::device_pointer_cast(keys);
     ::thrust::device_vector<std::int32_t> sorted(static_cast<std::size_t>(n));
-    ::thrust::transform(::thrust::device, k, k + n, sorted.begin(),
+    ::thrust::transform(detail::queued(), k, k + n, sorted.begin(),
                         detail::clamp_key{static_cast<std::int32_t>(num_keys)});
     ::thrust::device_vector<index_t> idx(static_cast<std::size_t>(n));
-    ::thrust::sequence(::thrust::device, idx.begin(), idx.end());
-    ::thrust::stable_sort_by_key(::thrust::device, sorted.begin(), sorted.end(), idx.begin());
+    ::thrust::sequence(detail::queued(), idx.begin(), idx.end());
+    ::thrust::stable_sort_by_key(detail::queued(), sorted.begin(), sorted.end(), idx.begin());
     auto off = ::thrust::device_pointer_cast(offsets);
-    ::thrust::lower_bound(::thrust::device, sorted.begin(), sorted.end(),
+    ::thrust::lower_bound(detail::queued(), sorted.begin(), sorted.end(),
                           ::thrust::counting_iterator<std::int32_t>(0),
                           ::thrust::counting_iterator<std::int32_t>(static_cast<std::int32_t>(num_keys + 1)),
                           off);
     const index_t kept = off[num_keys];
-    ::thrust::copy_n(::thrust::device, idx.begin(), kept, ::thrust::device_pointer_cast(order));
+    ::thrust::copy_n(detail::queued(), idx.begin(), kept, ::thrust::device_pointer_cast(order));
   }
 
   template <class T>
@@ -178,11 +193,11 @@ struct backend_traits<backend::thrust> {
   template <class T>
   static void copy(const T* src, index_t n, T* dst) {
     if (n > 0)
-      ::thrust::copy_n(::thrust::device, ::thrust::device_pointer_cast(src), n, ::thrust::device_pointer_cast(dst));
+      ::thrust::copy_n(detail::queued(), ::thrust::device_pointer_cast(src), n, ::thrust::device_pointer_cast(dst));
   }
   template <class T>
   static void fill(T* p, index_t n, T value) {
-    if (n > 0) ::thrust::fill_n(::thrust::device, ::thrust::device_pointer_cast(p), n, value);
+    if (n > 0) ::thrust::fill_n(detail::queued(), ::thrust::device_pointer_cast(p), n, value);
   }
   template <class T>
   static T sum(const T* p, index_t n) {
