@@ -39,11 +39,9 @@ def load_runs(out):
     return runs
 
 
-def final(run, cfg):
-    """The evaluation of the run's last step at guidance cfg, or None."""
-    es = [e for e in run["evals"] if e["cfg"] == cfg]
-    last = max((e["step"] for e in run["evals"]), default=None)
-    return next((e for e in es if e["step"] == last), None)
+def final(run, cfg, steps):
+    """The run's evaluation at the study's last step and guidance cfg, or None (run unfinished)."""
+    return next((e for e in run["evals"] if e["cfg"] == cfg and e["step"] == steps), None)
 
 
 def mean_sd(values):
@@ -59,14 +57,17 @@ def fmt(ms, digits=1):
     return f"{m:.{digits}f} ± {s:.{digits}f}" if n > 1 else f"{m:.{digits}f}"
 
 
-def summarise(runs):
+def summarise(runs, steps):
+    """Per variant, over its finished runs (evaluated at the study's last step)."""
     variants = list(dict.fromkeys(r["variant"] for r in runs))
     rows = []
     for v in variants:
-        rs = [r for r in runs if r["variant"] == v]
+        rs = [r for r in runs if r["variant"] == v and final(r, 1.5, steps)]
+        if not rs:
+            continue
         row = {"variant": v, "seeds": [r["seed"] for r in rs]}
         for cfg in (1.0, 1.5):
-            fs = [final(r, cfg) for r in rs]
+            fs = [final(r, cfg, steps) for r in rs]
             fs = [f for f in fs if f]
             for key in ("fd", "accuracy", "precision", "recall"):
                 row[f"{key}_cfg{cfg}"] = mean_sd([f[key] for f in fs])
@@ -76,10 +77,14 @@ def summarise(runs):
     return rows
 
 
+def study_steps(runs):
+    return max((e["step"] for r in runs for e in r["evals"]), default=0)
+
+
 def write_markdown(out, floor, runs, rows):
-    steps = max((e["step"] for r in runs for e in r["evals"]), default=0)
+    steps = study_steps(runs)
     lines = [f"# Routing study: {steps} steps", "",
-             "Final checkpoint (EMA weights), mean ± standard deviation over seeds. FD: Fréchet distance in the "
+             "Finished runs only, at the last step (EMA weights); mean ± standard deviation over seeds. FD: Fréchet distance in the "
              "feature classifier's penultimate features against the Fashion-MNIST test set (lower is better); "
              "accuracy: samples classified as their requested label; P / R: precision / recall (k = 3). "
              "Class / position share: the part of the first-choice expert's entropy explained by the class / the "
@@ -167,7 +172,7 @@ def main():
     runs = load_runs(out)
     if not runs:
         sys.exit(f"study_report: no runs under {out / 'runs'}")
-    rows = summarise(runs)
+    rows = summarise(runs, study_steps(runs))
     to_json = lambda ms: None if ms is None else {"mean": ms[0], "sd": ms[1], "n": ms[2]}
     (out / "results.json").write_text(json.dumps(
         {"floor": floor["floor"] if floor else None, "runs": runs,

@@ -20,6 +20,12 @@
 #include <promoe/optim/ema.hpp>
 #include <promoe/promoe.hpp>
 
+// nvcc declares the global operator new __host__ __device__; these replacements run on the
+// host only (device code allocates nothing), so its host-call warning does not apply.
+#if defined(__NVCC__)
+#pragma nv_diag_suppress 20011
+#endif
+
 namespace {
 std::atomic<bool> counting{false};
 std::atomic<long> allocations{0};
