@@ -2,14 +2,11 @@
 /// \file test_allocations.cpp
 /// \brief The hot path does not allocate: after a first step has sized the caches, a training
 /// step of every MoE layer kind and of a whole DiT (forward, loss, backward, clipping, AdamW,
-/// EMA) makes no heap allocation through operator new on the cpu backend: promoe's own
-/// buffers are all reused. Counted by replacing the global operator new (this test has its
-/// own executable). Eigen's GEMM takes its packing buffers from malloc on each call when they
-/// exceed its stack limit; promoe_bench counts those too and reports them per step.
+/// EMA) makes no heap allocation on the cpu backend, by promoe or by the GEMM (whose packing
+/// buffers the threads keep). Counted by interposing malloc and replacing operator new
+/// (heap_counter.cpp, linked into this test's own executable).
 
-#include <atomic>
-#include <cstdlib>
-#include <new>
+#include <cstdint>
 #include <vector>
 
 #include <catch2/catch.hpp>
@@ -20,45 +17,7 @@
 #include <promoe/optim/ema.hpp>
 #include <promoe/promoe.hpp>
 
-// nvcc declares the global operator new __host__ __device__; these replacements run on the
-// host only (device code allocates nothing), so its host-call warning does not apply.
-#if defined(__NVCC__)
-#pragma nv_diag_suppress 20011
-#endif
-
-namespace {
-std::atomic<bool> counting{false};
-std::atomic<long> allocations{0};
-
-void* counted(std::size_t n, std::size_t align) {
-  if (counting.load(std::memory_order_relaxed)) allocations.fetch_add(1, std::memory_order_relaxed);
-  if (n == 0) n = 1;
-  void* p = align > alignof(std::max_align_t) ? std::aligned_alloc(align, (n + align - 1) / align * align)
-                                             : std::malloc(n);
-  if (!p) throw std::bad_alloc();
-  return p;
-}
-}  // namespace
-
-void* operator new(std::size_t n) { return counted(n, 0); }
-void* operator new[](std::size_t n) { return counted(n, 0); }
-void* operator new(std::size_t n, std::align_val_t a) { return counted(n, static_cast<std::size_t>(a)); }
-void* operator new[](std::size_t n, std::align_val_t a) { return counted(n, static_cast<std::size_t>(a)); }
-void* operator new(std::size_t n, const std::nothrow_t&) noexcept {
-  try {
-    return counted(n, 0);
-  } catch (...) {
-    return nullptr;
-  }
-}
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete[](void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
-void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::align_val_t) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+#include "heap_counter.hpp"
 
 using namespace promoe;
 using B = backend::cpu;
@@ -66,14 +25,12 @@ using T = float;
 
 namespace {
 
-/// Heap allocations made by f().
+/// Heap allocations (malloc family and operator new, any thread) made while f() runs.
 template <class F>
-long allocations_in(F&& f) {
-  allocations = 0;
-  counting = true;
+std::int64_t allocations_in(F&& f) {
+  const std::int64_t before = heap::allocations();
   f();
-  counting = false;
-  return allocations.load();
+  return heap::allocations() - before;
 }
 
 tensor<T, B> random_tensor(std::vector<index_t> shape, std::uint64_t stream) {
@@ -98,6 +55,7 @@ void check_layer_step(Layer& layer, index_t samples, index_t tokens_per_sample) 
     layer.zero_grad();
   };
   step();
+  REQUIRE(heap::available());  // glibc: every allocation is seen
   CHECK(allocations_in(step) == 0);
   layer.infer(x.cmatrix(), labels, y.matrix());  // sizes infer's workspace
   CHECK(allocations_in([&] { layer.infer(x.cmatrix(), labels, y.matrix()); }) == 0);
@@ -113,6 +71,14 @@ TEST_CASE("allocations: a training step of each MoE layer kind allocates nothing
     cfg.router.null_label = 10;
     promoe_layer<B, T> layer(cfg, rng{3});
     check_layer_step(layer, 6, 16);
+  }
+  SECTION("ProMoE-S sizes: GEMM packing buffers beyond Eigen's stack limit") {
+    promoe_layer<B, T>::config cfg;
+    cfg.dim = 384, cfg.routed_experts = 12, cfg.expert_hidden = 768, cfg.unconditional_experts = 1;
+    cfg.shared_experts = 1;
+    cfg.router.null_label = 10;
+    promoe_layer<B, T> layer(cfg, rng{8});
+    check_layer_step(layer, 4, 128);
   }
   SECTION("linear top-2 router with load balance and z-loss, SwiGLU experts") {
     using layer_t = moe_layer<router::top_k, expert::swiglu, losses<loss::load_balance, loss::z_loss>, B, T>;
@@ -143,10 +109,10 @@ TEST_CASE("allocations: a whole DiT training step allocates nothing once sized",
   using moe = promoe_layer<B, T>;
   using model_t = dit::dit_model<B, T, moe>;
   dit::dit_config d;
-  d.input_size = 8, d.patch_size = 2, d.in_channels = 1, d.hidden_size = 32, d.depth = 2, d.num_heads = 2;
+  d.input_size = 8, d.patch_size = 2, d.in_channels = 1, d.hidden_size = 96, d.depth = 2, d.num_heads = 2;
   d.num_classes = 10, d.learn_sigma = false;
   moe::config mc;
-  mc.routed_experts = 3, mc.expert_hidden = 48, mc.unconditional_experts = 1, mc.shared_experts = 1;
+  mc.routed_experts = 3, mc.expert_hidden = 192, mc.unconditional_experts = 1, mc.shared_experts = 1;
   mc.router.null_label = d.num_classes;
   model_t model(d, mc, rng{7});
   const auto params = model.parameters();
@@ -175,5 +141,6 @@ TEST_CASE("allocations: a whole DiT training step allocates nothing once sized",
     ++step;
   };
   train_step();
+  REQUIRE(heap::available());
   CHECK(allocations_in(train_step) == 0);
 }

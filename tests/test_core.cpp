@@ -333,6 +333,20 @@ TEMPLATE_LIST_TEST_CASE("gemm: all transposes, padded leading dimensions, beta 0
             for (double beta : {0.0, 1.0, -0.75}) check_gemm<B, T>(ta, tb, m, n, k, 1.25, beta, seed++);
 }
 
+TEMPLATE_LIST_TEST_CASE("gemm: shapes beyond one cache block, split over threads by rows or by columns",
+                        "[core][backend][gemm]", test_configs) {
+  using B = typename TestType::backend;
+  using T = typename TestType::scalar;
+  // (m, n, k): several row and depth blocks of the packed kernel; few rows and many columns
+  // (the threads split C by columns); many rows and few columns; one of each odd size.
+  const index_t shapes[][3] = {{301, 257, 700}, {5, 1500, 333}, {1200, 40, 650}, {97, 2, 2100}};
+  std::uint64_t seed = 5000;
+  for (transpose ta : {transpose::no, transpose::yes})
+    for (transpose tb : {transpose::no, transpose::yes})
+      for (const auto& s : shapes)
+        for (double beta : {0.0, -0.5}) check_gemm<B, T>(ta, tb, s[0], s[1], s[2], 0.75, beta, seed++);
+}
+
 TEMPLATE_LIST_TEST_CASE("gemm: k = 0, alpha = 0 and empty outputs", "[core][backend][gemm]", test_configs) {
   using B = typename TestType::backend;
   using T = typename TestType::scalar;

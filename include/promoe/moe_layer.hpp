@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cstdio>
 #include <limits>
 #include <span>
 #include <string>
@@ -331,7 +332,11 @@ class moe_layer<Router, Expert, losses<L...>, B, T, SharedExpert> {
                    " samples (labels has ", samples, " entries)");
       spt = x.rows / samples;
     }
-    if (validating() && x.rows > 0) ops::check_finite<B>(x, (std::string("moe_layer::") + fn + ": x").c_str());
+    if (validating() && x.rows > 0) {
+      char what[64];  // the name of x, formatted without a heap allocation
+      std::snprintf(what, sizeof what, "moe_layer::%s: x", fn);
+      ops::check_finite<B>(x, what);
+    }
     return spt;
   }
 

@@ -40,11 +40,12 @@ struct backend_traits<backend::cpu> {
   template <class T>
   static const T* raw(const buffer<T>& b) { return b.data(); }
 
-  /// f(i) for every i in [0, n); short loops, and loops inside a task, stay serial.
+  /// f(i) for every i in [0, n); short loops, loops inside a task, and loops with one thread
+  /// (for which libgomp would allocate a team on every region) stay serial.
   template <class F>
   static void parallel_for(index_t n, F f) {
 #if defined(_OPENMP)
-    if (n >= detail::serial_below && !omp_in_parallel()) {
+    if (n >= detail::serial_below && !omp_in_parallel() && omp_get_max_threads() > 1) {
 #pragma omp parallel for schedule(static)
       for (index_t i = 0; i < n; ++i) f(i);
       return;

@@ -1,20 +1,199 @@
 // SPDX-License-Identifier: Apache-2.0
 /// \file eigen_gemm.hpp
-/// \brief Row-major GEMM on host pointers through Eigen (which calls BLAS under EIGEN_USE_BLAS).
+/// \brief Row-major GEMM on host pointers through Eigen's blocked kernel, with packing buffers
+/// that the threads keep and reuse (or through BLAS under EIGEN_USE_BLAS).
+///
+/// Why not `C.noalias() += A * B`: Eigen's product takes its packing buffers (about a
+/// megabyte per call) from malloc on every call once they exceed its stack limit, which
+/// would put heap allocations in every training step. Here the same packing routines and
+/// micro-kernel run on buffers that belong to the calling thread and only ever grow, and the
+/// threads split the rows (or columns) of C between them instead of Eigen's own split.
 #pragma once
 
 #include <Eigen/Core>
+#include <algorithm>
+#include <atomic>
+#include <cstddef>
+#include <mutex>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 #include "backend.hpp"
 
 namespace promoe::detail {
+
+/// The packing buffers of the threads that run GEMMs. Each thread packs into its own pair of
+/// buffers; when one thread needs larger buffers, every thread's pair is raised to the new
+/// high-water mark (a replacement is allocated for the others and swapped in at their next
+/// GEMM), and the OpenMP team's threads are given their pair up front. So once one training
+/// step has run every GEMM shape, no thread allocates again, whichever thread the task
+/// scheduler hands a shape to in later steps.
+template <class T>
+class gemm_packing_pool {
+ public:
+  using buffer = std::vector<T, Eigen::aligned_allocator<T>>;
+
+  /// The calling thread's buffers, at least `size_a` and `size_b` elements long.
+  static std::pair<T*, T*> acquire(Eigen::Index size_a, Eigen::Index size_b) {
+    register_team();
+    slot& s = this_thread_slot();
+    if (s.has_pending.load(std::memory_order_acquire)) {
+      std::lock_guard lock(state().mutex);
+      s.a.swap(s.pending_a);
+      s.b.swap(s.pending_b);
+      s.pending_a = buffer();
+      s.pending_b = buffer();
+      s.has_pending.store(false, std::memory_order_relaxed);
+    }
+    if (size(s.a) < size_a || size(s.b) < size_b) raise(s, size_a, size_b);
+    return {s.a.data(), s.b.data()};
+  }
+
+ private:
+  struct slot;
+  struct shared_state {
+    std::mutex mutex;
+    std::vector<slot*> slots;
+    Eigen::Index hwm_a = 0, hwm_b = 0;  // the largest buffers any GEMM has needed
+    std::atomic<int> team_registered{0};
+  };
+  static shared_state& state() {
+    static shared_state st;
+    return st;
+  }
+
+  struct slot {
+    buffer a, b, pending_a, pending_b;
+    std::atomic<bool> has_pending{false};
+    slot() {
+      auto& st = state();
+      std::lock_guard lock(st.mutex);
+      st.slots.push_back(this);
+      offer(*this, st.hwm_a, st.hwm_b);
+    }
+    ~slot() {
+      auto& st = state();
+      std::lock_guard lock(st.mutex);
+      std::erase(st.slots, this);
+    }
+  };
+
+  static Eigen::Index size(const buffer& v) { return static_cast<Eigen::Index>(v.size()); }
+  static slot& this_thread_slot() {
+    thread_local slot s;
+    return s;
+  }
+  /// Gives every thread of the OpenMP team its slot (called outside parallel regions).
+  static void register_team() {
+#if defined(_OPENMP)
+    if (omp_in_parallel()) return;
+    const int team = omp_get_max_threads();
+    if (state().team_registered.load(std::memory_order_relaxed) >= team) return;
+#pragma omp parallel
+    { (void)this_thread_slot(); }
+    state().team_registered.store(team, std::memory_order_relaxed);
+#endif
+  }
+  /// Queues buffers of (size_a, size_b) for another thread's slot (mutex held).
+  static void offer(slot& s, Eigen::Index size_a, Eigen::Index size_b) {
+    if (size(s.a) >= size_a && size(s.b) >= size_b) return;
+    s.pending_a.resize(static_cast<std::size_t>(std::max(size_a, size(s.a))));
+    s.pending_b.resize(static_cast<std::size_t>(std::max(size_b, size(s.b))));
+    s.has_pending.store(true, std::memory_order_release);
+  }
+  /// Raises the high-water mark to cover (size_a, size_b) and every thread to it.
+  static void raise(slot& own, Eigen::Index size_a, Eigen::Index size_b) {
+    auto& st = state();
+    std::lock_guard lock(st.mutex);
+    st.hwm_a = std::max(st.hwm_a, size_a);
+    st.hwm_b = std::max(st.hwm_b, size_b);
+    own.a.resize(static_cast<std::size_t>(st.hwm_a));
+    own.b.resize(static_cast<std::size_t>(st.hwm_b));
+    for (slot* s : st.slots)
+      if (s != &own) offer(*s, st.hwm_a, st.hwm_b);
+  }
+};
+
+/// Eigen's cache blocking for one sequential GEMM, its buffers from the thread's workspace.
+template <class T>
+class workspace_blocking : public Eigen::internal::level3_blocking<T, T> {
+ public:
+  /// rows, cols, depth of the column-major product Eigen runs.
+  workspace_blocking(Eigen::Index rows, Eigen::Index cols, Eigen::Index depth) {
+    this->m_mc = rows;
+    this->m_nc = cols;
+    this->m_kc = depth;
+    Eigen::internal::computeProductBlockingSizes<T, T, 1, Eigen::Index>(this->m_kc, this->m_mc, this->m_nc, 1);
+    std::tie(this->m_blockA, this->m_blockB) =
+        gemm_packing_pool<T>::acquire(this->m_kc * this->m_mc, this->m_kc * this->m_nc);
+  }
+};
+
+/// C[m, n] += alpha * op(A) * op(B) on one thread; A, B, C row-major with leading dimensions.
+template <class T, transpose TA, transpose TB>
+void eigen_gemm_sequential(index_t m, index_t n, index_t k, T alpha, const T* a, index_t lda, const T* b,
+                           index_t ldb, T* c, index_t ldc) {
+  constexpr int a_order = TA == transpose::no ? Eigen::RowMajor : Eigen::ColMajor;
+  constexpr int b_order = TB == transpose::no ? Eigen::RowMajor : Eigen::ColMajor;
+  using product = Eigen::internal::general_matrix_matrix_product<Eigen::Index, T, a_order, false, T, b_order, false,
+                                                                 Eigen::RowMajor, 1>;
+  // A row-major C is computed as the column-major C^T = op(B)^T op(A)^T: rows n, cols m.
+  workspace_blocking<T> blocking(n, m, k);
+  product::run(m, n, k, a, lda, b, ldb, c, 1, ldc, alpha, blocking, nullptr);
+}
+
+/// C[m, n] += alpha * op(A) * op(B), split over the OpenMP threads by rows of C (or by
+/// columns when C has few rows) when called outside a parallel region and worth it.
+template <class T, transpose TA, transpose TB>
+void eigen_gemm_add(index_t m, index_t n, index_t k, T alpha, const T* a, index_t lda, const T* b, index_t ldb, T* c,
+                    index_t ldc) {
+  int threads = 1;
+#if defined(_OPENMP)
+  if (!omp_in_parallel()) {
+    // Eigen's own rule: at least 50000 multiply-adds per thread.
+    const double work = static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
+    threads = static_cast<int>(std::min<double>(omp_get_max_threads(), work / 50000.0));
+  }
+#endif
+  // Chunks are multiples of 32 rows/columns, so every thread's kernel runs on full panels.
+  constexpr index_t grain = 32;
+  const bool by_rows = m >= n || m >= grain * threads;
+  const index_t extent = by_rows ? m : n;
+  threads = static_cast<int>(std::min<index_t>(threads, (extent + grain - 1) / grain));
+  if (threads <= 1) {
+    eigen_gemm_sequential<T, TA, TB>(m, n, k, alpha, a, lda, b, ldb, c, ldc);
+    return;
+  }
+#if defined(_OPENMP)
+  const index_t chunk = ((extent + threads - 1) / threads + grain - 1) / grain * grain;
+  // The region keeps the default team size even when fewer chunks are worth it: libgomp
+  // caches one team, and a region of another size would allocate a new one.
+#pragma omp parallel for schedule(static, 1)
+  for (int t = 0; t < threads; ++t) {
+    const index_t begin = std::min<index_t>(extent, t * chunk);
+    const index_t len = std::min<index_t>(extent, begin + chunk) - begin;
+    if (len == 0) continue;
+    if (by_rows) {
+      const T* at = TA == transpose::no ? a + begin * lda : a + begin;
+      eigen_gemm_sequential<T, TA, TB>(len, n, k, alpha, at, lda, b, ldb, c + begin * ldc, ldc);
+    } else {
+      const T* bt = TB == transpose::no ? b + begin : b + begin * ldb;
+      eigen_gemm_sequential<T, TA, TB>(m, len, k, alpha, a, lda, bt, ldb, c + begin, ldc);
+    }
+  }
+#endif
+}
 
 /// C[m, n] = alpha * op(A) * op(B) + beta * C, all row-major with leading dimensions.
 template <class T>
 void eigen_gemm(transpose ta, transpose tb, index_t m, index_t n, index_t k, T alpha, const T* a,
                 index_t lda, const T* b, index_t ldb, T beta, T* c, index_t ldc) {
   using mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-  using cmap = Eigen::Map<const mat, Eigen::Unaligned, Eigen::OuterStride<>>;
   using map = Eigen::Map<mat, Eigen::Unaligned, Eigen::OuterStride<>>;
   if (m == 0 || n == 0) return;
   map C(c, m, n, Eigen::OuterStride<>(ldc));
@@ -24,16 +203,41 @@ void eigen_gemm(transpose ta, transpose tb, index_t m, index_t n, index_t k, T a
     C *= beta;
   }
   if (k == 0 || alpha == T(0)) return;
+#if !defined(EIGEN_USE_BLAS)
+  // Matrix-vector products stay with Eigen's GEMV below: it packs nothing.
+  if (m > 1 && n > 1) {
+    if (ta == transpose::no && tb == transpose::no) {
+      eigen_gemm_add<T, transpose::no, transpose::no>(m, n, k, alpha, a, lda, b, ldb, c, ldc);
+    } else if (ta == transpose::no) {
+      eigen_gemm_add<T, transpose::no, transpose::yes>(m, n, k, alpha, a, lda, b, ldb, c, ldc);
+    } else if (tb == transpose::no) {
+      eigen_gemm_add<T, transpose::yes, transpose::no>(m, n, k, alpha, a, lda, b, ldb, c, ldc);
+    } else {
+      eigen_gemm_add<T, transpose::yes, transpose::yes>(m, n, k, alpha, a, lda, b, ldb, c, ldc);
+    }
+    return;
+  }
+#endif
+  // Eigen's product expression: GEMV, or under EIGEN_USE_BLAS the BLAS (own buffers). alpha
+  // scales the matrix operand: a scaled vector would be evaluated into a temporary.
+  using cmap = Eigen::Map<const mat, Eigen::Unaligned, Eigen::OuterStride<>>;
   const cmap A(a, ta == transpose::yes ? k : m, ta == transpose::yes ? m : k, Eigen::OuterStride<>(lda));
   const cmap B(b, tb == transpose::yes ? n : k, tb == transpose::yes ? k : n, Eigen::OuterStride<>(ldb));
+  const auto add_product = [&](const auto& opa, const auto& opb) {
+    if (m == 1) {
+      C.noalias() += opa * (alpha * opb);
+    } else {
+      C.noalias() += (alpha * opa) * opb;
+    }
+  };
   if (ta == transpose::no && tb == transpose::no) {
-    C.noalias() += alpha * A * B;
+    add_product(A, B);
   } else if (ta == transpose::no) {
-    C.noalias() += alpha * A * B.transpose();
+    add_product(A, B.transpose());
   } else if (tb == transpose::no) {
-    C.noalias() += alpha * A.transpose() * B;
+    add_product(A.transpose(), B);
   } else {
-    C.noalias() += alpha * A.transpose() * B.transpose();
+    add_product(A.transpose(), B.transpose());
   }
 }
 

@@ -14,16 +14,16 @@
 
 #if defined(__GLIBC__)
 #include <malloc.h>
-#define PROMOE_BENCH_HEAP_COUNTING 1
+#define PROMOE_HEAP_COUNTING 1
 #else
-#define PROMOE_BENCH_HEAP_COUNTING 0
+#define PROMOE_HEAP_COUNTING 0
 #endif
 
 namespace {
 
 std::atomic<std::int64_t> g_live{0}, g_peak{0}, g_allocations{0};
 
-#if PROMOE_BENCH_HEAP_COUNTING
+#if PROMOE_HEAP_COUNTING
 std::int64_t usable(void* p) { return static_cast<std::int64_t>(malloc_usable_size(p)); }
 
 void on_alloc(void* p) {
@@ -44,7 +44,7 @@ void on_free(void* p) {
 }  // namespace
 
 namespace heap {
-bool available() { return PROMOE_BENCH_HEAP_COUNTING != 0; }
+bool available() { return PROMOE_HEAP_COUNTING != 0; }
 std::int64_t live_bytes() { return g_live.load(std::memory_order_relaxed); }
 std::int64_t peak_bytes() { return g_peak.load(std::memory_order_relaxed); }
 std::int64_t allocations() { return g_allocations.load(std::memory_order_relaxed); }
@@ -52,7 +52,7 @@ void reset_peak() { g_peak.store(g_live.load(std::memory_order_relaxed), std::me
 }  // namespace heap
 
 // ------------------------------------------------------------------------- malloc family
-#if PROMOE_BENCH_HEAP_COUNTING
+#if PROMOE_HEAP_COUNTING
 extern "C" {
 void* __libc_malloc(std::size_t);
 void __libc_free(void*);

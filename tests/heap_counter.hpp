@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // heap_counter: live heap bytes, their peak and the number of allocations of the whole
-// process, for promoe_bench. heap_counter.cpp replaces the global operator new / delete (every
-// form) and, with glibc, interposes malloc / free / calloc / realloc / the aligned variants:
+// process, for promoe_bench and test_allocations. heap_counter.cpp replaces the global
+// operator new / delete (every form) and, with glibc, interposes malloc / free / calloc /
+// realloc / the aligned variants:
 // promoe's tensors live in std::vector<T, Eigen::aligned_allocator<T>>, which allocates with
 // std::malloc and never calls operator new, so counting operator new alone would miss them.
 // Sizes are malloc_usable_size (what the allocator handed out, a few bytes above the request).
