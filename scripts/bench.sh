@@ -10,7 +10,9 @@
 #
 # PyTorch runs only when /usr/bin/python3 can import torch. Its GEMMs go to Debian's OpenBLAS,
 # which does not know newer CPUs and falls back to its slow Prescott kernel there; on an
-# AVX-512 CPU this script sets OPENBLAS_CORETYPE=SkylakeX unless it is already set.
+# AVX-512 CPU whose kernel OpenBLAS does not pick by itself this script sets
+# OPENBLAS_CORETYPE=SkylakeX (unless it is already set), and then times PyTorch a second time as
+# installed (OpenBLAS's own kernel choice) for a second column.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -63,18 +65,9 @@ echo "== promoe_bench ${bench_args[*]}"
 "$PROMOE_BUILD_DIR/bench/promoe_bench" "${bench_args[@]}" --json "$work/promoe.json"
 
 merge_args=(--promoe "$work/promoe.json")
-torch_status=0
-if [[ "$python" == /usr/bin/python3 ]] && "$python" -c 'import torch' >/dev/null 2>&1; then
-  export OPENBLAS_NUM_THREADS=2 OMP_WAIT_POLICY=passive
-  if [[ -z "${OPENBLAS_CORETYPE:-}" ]] && grep -qw avx512f /proc/cpuinfo; then
-    export OPENBLAS_CORETYPE=SkylakeX
-    core_source="set by bench.sh: the CPU has AVX-512"
-  elif [[ -n "${OPENBLAS_CORETYPE:-}" ]]; then
-    core_source="OPENBLAS_CORETYPE=$OPENBLAS_CORETYPE from the environment"
-  else
-    core_source="OpenBLAS's own detection"
-  fi
-  # The kernel OpenBLAS actually chose, from the library torch loaded.
+# The kernel OpenBLAS picks under the current environment, from the library torch loads.
+openblas_core() {
+  local core
   core="$("$python" - <<'EOF' 2>/dev/null || true
 import ctypes, re, torch  # noqa: F401  (loads torch's BLAS)
 with open("/proc/self/maps") as f:
@@ -85,13 +78,41 @@ if libs:
     print(lib.openblas_get_corename().decode())
 EOF
 )"
-  echo "== torch_bench: OpenBLAS kernel ${core:-unknown (OpenBLAS not loaded?)} (${core_source})"
-  merge_args+=(--openblas-core "${core:-unknown}")
+  echo "${core:-unknown}"
+}
+torch_status=0
+if [[ "$python" == /usr/bin/python3 ]] && "$python" -c 'import torch' >/dev/null 2>&1; then
+  export OPENBLAS_NUM_THREADS=2 OMP_WAIT_POLICY=passive
+  installed_core="$(openblas_core)"
+  if [[ -z "${OPENBLAS_CORETYPE:-}" ]] && grep -qw avx512f /proc/cpuinfo &&
+     [[ ! "$installed_core" =~ ^(SkylakeX|Cooperlake|SapphireRapids)$ ]]; then
+    export OPENBLAS_CORETYPE=SkylakeX
+    core_source="set by bench.sh: the CPU has AVX-512, OpenBLAS chose $installed_core"
+  elif [[ -n "${OPENBLAS_CORETYPE:-}" ]]; then
+    core_source="OPENBLAS_CORETYPE=$OPENBLAS_CORETYPE from the environment"
+  else
+    core_source="OpenBLAS's own detection"
+  fi
+  echo "== torch_bench: OpenBLAS kernel $(openblas_core) (${core_source})"
+  merge_args+=(--openblas-core "$(openblas_core)")
   if "$python" "$repo/bench/torch_bench.py" --threads 2 "${bench_args[@]}" --out "$work/torch.json"; then
     merge_args+=(--torch "$work/torch.json")
   else
     torch_status=$?
     echo "bench.sh: torch_bench.py failed (exit $torch_status); the results hold promoe only" >&2
+  fi
+  # When this script chose the kernel, PyTorch also runs as installed (OpenBLAS's own choice),
+  # on the MoE layers, DiT steps and GEMMs.
+  if [[ "$core_source" == "set by bench.sh"* && "$torch_status" == 0 ]]; then
+    unset OPENBLAS_CORETYPE
+    echo "== torch_bench as installed: OpenBLAS kernel $(openblas_core) (OpenBLAS's own detection)"
+    merge_args+=(--openblas-core-as-installed "$(openblas_core)")
+    if "$python" "$repo/bench/torch_bench.py" --threads 2 "${bench_args[@]}" --cases moe,dit,gemm \
+        --out "$work/torch-installed.json"; then
+      merge_args+=(--torch-as-installed "$work/torch-installed.json")
+    else
+      echo "bench.sh: torch_bench.py as installed failed; the results leave it out" >&2
+    fi
   fi
 else
   echo "== $python cannot import torch: running promoe_bench only (install python3-torch for the comparison)"

@@ -9,6 +9,7 @@ import math
 import re
 import statistics
 import sys
+import textwrap
 from pathlib import Path
 
 ORDER = ["dense", "top-k", "expert-choice", "expert-race", "promoe", "promoe-no-rcl", "promoe-no-cond"]
@@ -153,12 +154,12 @@ def montage(out, runs, picture, title):
     panels = [(v, p) for v, p in panels if p.exists()]
     if not panels:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 2.6), dpi=150, squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(2.2 * len(panels), 6.0), 2.8), dpi=150, squeeze=False)
     for ax, (v, p) in zip(axes[0], panels):
         ax.imshow(mpimg.imread(p), cmap="gray", interpolation="nearest")
         ax.set_title(v, fontsize=8)
         ax.axis("off")
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, 90), fontsize=8)
     fig.tight_layout()
     fig.savefig(out / picture)
     plt.close(fig)
