@@ -23,6 +23,26 @@ namespace detail {
 /// F.normalize's epsilon: rows are divided by max(|row|, eps).
 inline constexpr double normalize_eps = 1e-12;
 
+template <class T>
+PROMOE_HOST_DEVICE T inverse_norm(T norm) {
+  return T(1) / (norm > T(normalize_eps) ? norm : T(normalize_eps));
+}
+
+/// norm[r] = |x[r]|.
+template <class T>
+struct row_norms_functor {
+  const T* x;  // [rows, d], leading dimension ldx
+  index_t ldx, d;
+  T* norm;  // [rows]
+  PROMOE_HOST_DEVICE void operator()(index_t r) const {
+    using std::sqrt;
+    const T* in = x + r * ldx;
+    T s = T(0);
+    for (index_t j = 0; j < d; ++j) s += in[j] * in[j];
+    norm[r] = sqrt(s);
+  }
+};
+
 /// y[r] = x[r] / max(|x[r]|, eps); norm[r] = |x[r]|.
 template <class T>
 struct normalize_rows_functor {
@@ -31,14 +51,60 @@ struct normalize_rows_functor {
   T* y;     // [rows, d]
   T* norm;  // [rows]
   PROMOE_HOST_DEVICE void operator()(index_t r) const {
-    using std::sqrt;
-    const T* in = x + r * ldx;
-    T s = T(0);
-    for (index_t j = 0; j < d; ++j) s += in[j] * in[j];
-    const T n = sqrt(s);
-    norm[r] = n;
-    const T denom = n > T(normalize_eps) ? n : T(normalize_eps);
-    for (index_t j = 0; j < d; ++j) y[r * d + j] = in[j] / denom;
+    row_norms_functor<T>{x, ldx, d, norm}(r);
+    const T inv = inverse_norm(norm[r]);
+    for (index_t j = 0; j < d; ++j) y[r * d + j] = x[r * ldx + j] * inv;
+  }
+};
+
+/// logits[r] *= 1 / max(|x[r]|, eps): x . p_e becomes the cosine (times the scale).
+template <class T>
+struct divide_by_norm_functor {
+  T* logits;  // [rows, e]
+  index_t e;
+  const T* norm;  // [rows]
+  PROMOE_HOST_DEVICE void operator()(index_t r) const {
+    const T inv = inverse_norm(norm[r]);
+    for (index_t j = 0; j < e; ++j) logits[r * e + j] *= inv;
+  }
+};
+
+/// The backward of logits = scale * normalize(x) . pn^T, folded so that normalize(x) is never
+/// written: g = scale * dlogits / max(|x|, eps) (in place of dlogits); then
+/// dx = g . pn - coef * x with coef[r] = (g[r] . cos[r]) / |x[r]| (0 when |x| <= eps, where
+/// normalize is x / eps), and dpn = g^T . x.
+template <class T>
+struct cosine_backward_functor {
+  T* dlogits;        // [rows, e] in: dL/dlogits, out: g
+  const T* logits;   // [rows, e] scale * cosine
+  const T* norm;     // [rows]
+  index_t e;
+  T scale;
+  T* coef;  // [rows]
+  PROMOE_HOST_DEVICE void operator()(index_t r) const {
+    const T inv = inverse_norm(norm[r]);
+    T dot = T(0);
+    for (index_t j = 0; j < e; ++j) {
+      T& g = dlogits[r * e + j];
+      g *= scale * inv;
+      dot += g * logits[r * e + j];
+    }
+    coef[r] = norm[r] > T(normalize_eps) ? dot * inv / scale : T(0);
+  }
+};
+
+/// dx[r] -= coef[r] * x[r].
+template <class T>
+struct subtract_scaled_rows_functor {
+  const T* x;  // [rows, d], leading dimension ldx
+  index_t ldx, d;
+  const T* coef;  // [rows]
+  T* dx;          // leading dimension lddx
+  index_t lddx;
+  PROMOE_HOST_DEVICE void operator()(index_t r) const {
+    const T c = coef[r];
+    if (c == T(0)) return;
+    for (index_t j = 0; j < d; ++j) dx[r * lddx + j] -= c * x[r * ldx + j];
   }
 };
 
@@ -84,13 +150,17 @@ struct prototypical {
     using traits = backend_traits<B>;
     static constexpr bool has_prototypes = true;
 
+    // The tokens are never normalised in memory: the logits are x . pn^T divided by |x| per
+    // row, and the backward folds 1/|x| into the [tokens, E] gradient (one pass over x less
+    // each way than writing and reading normalize(x)).
     struct cache {
-      tensor<T, B> xn, xnorm;  ///< [tokens, D] normalised tokens, [tokens] their norms
+      tensor<T, B> xnorm;      ///< [tokens] the tokens' norms
       tensor<T, B> pn, pnorm;  ///< [E, D] normalised prototypes, [E] their norms
       tensor<T, B> logits;     ///< [tokens, E] scale * cosine
       tensor<T, B> scores;     ///< [tokens, E] activated
       tensor<T, B> dlogits;    ///< [tokens, E]
-      tensor<T, B> dxn, dpn;   ///< [tokens, D], [E, D] backward workspaces
+      tensor<T, B> coef;       ///< [tokens] backward: the radial part of dx per row
+      tensor<T, B> dpn;        ///< [E, D] backward workspace
       loss_gradients<T, B> loss;
     };
 
@@ -108,15 +178,15 @@ struct prototypical {
 
     void forward(const route_input<T>& in, cache& c, dispatch_plan<T, B>& plan) const {
       const index_t n = in.x.rows, e = layout_.routed, d = layout_.dim;
-      for (auto* t : {&c.xn, &c.dxn}) t->resize({n, d});
       c.xnorm.resize({n});
       for (auto* t : {&c.pn, &c.dpn}) t->resize({e, d});
       c.pnorm.resize({e});
-      traits::parallel_for(n, detail::normalize_rows_functor<T>{in.x.data, in.x.ld, d, c.xn.data(), c.xnorm.data()});
+      traits::parallel_for(n, detail::row_norms_functor<T>{in.x.data, in.x.ld, d, c.xnorm.data()});
       traits::parallel_for(e, detail::normalize_rows_functor<T>{prototypes_.data(), d, d, c.pn.data(), c.pnorm.data()});
       c.logits.resize({n, e});
-      ops::gemm<B, T>(c.xn.cmatrix(), transpose::no, c.pn.cmatrix(), transpose::yes, c.logits.matrix(),
+      ops::gemm<B, T>(in.x, transpose::no, c.pn.cmatrix(), transpose::yes, c.logits.matrix(),
                       static_cast<T>(opt_.scale));
+      traits::parallel_for(n, detail::divide_by_norm_functor<T>{c.logits.data(), e, c.xnorm.data()});
       token_choice_select(opt_, c.logits, c.scores, layout_.experts(), plan);
     }
 
@@ -129,11 +199,13 @@ struct prototypical {
                   matrix_view<T> dx) {
       const index_t n = in.x.rows, e = layout_.routed, d = layout_.dim;
       token_choice_backward(opt_, c.scores, plan, dgate, c.loss.extra_dlogits(), c.dlogits);
-      const T scale = static_cast<T>(opt_.scale);
-      ops::gemm<B, T>(c.dlogits.cmatrix(), transpose::no, c.pn.cmatrix(), transpose::no, c.dxn.matrix(), scale);
-      ops::gemm<B, T>(c.dlogits.cmatrix(), transpose::yes, c.xn.cmatrix(), transpose::no, c.dpn.matrix(), scale);
-      traits::parallel_for(n, detail::normalize_backward_functor<T>{c.xn.data(), c.xnorm.data(), c.dxn.data(), d,
-                                                                    dx.data, dx.ld});
+      c.coef.resize({n});
+      traits::parallel_for(n, detail::cosine_backward_functor<T>{c.dlogits.data(), c.logits.data(), c.xnorm.data(),
+                                                                 e, static_cast<T>(opt_.scale), c.coef.data()});
+      ops::gemm<B, T>(c.dlogits.cmatrix(), transpose::no, c.pn.cmatrix(), transpose::no, dx, T(1), T(1));
+      traits::parallel_for(n, detail::subtract_scaled_rows_functor<T>{in.x.data, in.x.ld, d, c.coef.data(), dx.data,
+                                                                      dx.ld});
+      ops::gemm<B, T>(c.dlogits.cmatrix(), transpose::yes, in.x, transpose::no, c.dpn.matrix());
       traits::parallel_for(e, detail::normalize_backward_functor<T>{c.pn.data(), c.pnorm.data(), c.dpn.data(), d,
                                                                     grad_.data(), d});
       c.loss.fold_into(dx);
