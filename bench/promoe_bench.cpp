@@ -192,9 +192,14 @@ class report {
 
 // ------------------------------------------------------------------------------- inputs
 /// n values ~ N(0, 1), a function of the stream.
-std::vector<T> normal_values(index_t n, std::uint64_t stream) {
-  std::vector<T> v(static_cast<std::size_t>(n));
+/// Into v (resized; no allocation once it has the capacity, so a timed step counts only promoe's).
+void fill_normal(std::vector<T>& v, index_t n, std::uint64_t stream) {
+  v.resize(static_cast<std::size_t>(n));
   for (index_t i = 0; i < n; ++i) v[i] = static_cast<T>(rng::normal(seed, stream, static_cast<std::uint64_t>(i)));
+}
+std::vector<T> normal_values(index_t n, std::uint64_t stream) {
+  std::vector<T> v;
+  fill_normal(v, n, stream);
   return v;
 }
 
@@ -388,7 +393,7 @@ case_result dit_train_case(const app::run_config& r, int reps) {
 
   auto train_step = [&] {
     ++step;
-    pixels = normal_values(x0.size(), data_stream + 2 * step);
+    fill_normal(pixels, x0.size(), data_stream + 2 * step);
     backend_traits<B>::copy_from_host(pixels.data(), x0.size(), x0.data());
     for (index_t i = 0; i < n; ++i)
       labels[i] = static_cast<std::int64_t>(rng::uniform(seed, data_stream + 2 * step + 1, i) * num_classes);

@@ -2,7 +2,7 @@
 """PyTorch side of the benchmark comparison: the reference MoE layers and DiTs timed (eager).
 
     /usr/bin/python3 bench/torch_bench.py [--device cpu|cuda] [--threads 2] [--reps 5]
-                                          [--tokens 1024,4096,16384] [--cases moe,dit,sample]
+                                          [--tokens 1024,4096,16384] [--cases moe,dit,sample,gemm]
                                           [--dit-presets mini-28,mini-32] [--out FILE.json]
 
 Models are the parity references, imported unchanged: ``tests/parity/moe_reference.py``
@@ -45,6 +45,10 @@ Cases (the names are a contract with the C++ ``promoe_bench``):
   x_t = (1 - t) x0 + t e, target e - x0, ``model(x_t, 1000 t, labels)``, mse + aux losses,
   backward, ``clip_grad_norm_(0.5)``, AdamW (lr 1e-3, weight decay 0) step,
   ``zero_grad(set_to_none=False)``. ``images_per_s`` = 64 / step time.
+* ``gemm.sgemm.n2048`` / ``gemm.sgemm.moe_up``: ``torch.mm`` of 2048^3 and of the MoE
+  layers' up-projection shape (4096 x 384 by 384 x 1536): the GEMM rate of the BLAS torch runs
+  on, which bounds every PyTorch case above (no speed-up claim is larger than what that rate
+  leaves).
 * ``sample.mini-28.{dense,promoe}``: 64 images, 10 Euler steps of rectified flow from t = 1 to
   0 with classifier-free guidance 2 (conditional and null-label passes as one batch of 128,
   ``model.eval()``, ``torch.no_grad``); the time is the whole sampling loop.
@@ -215,6 +219,17 @@ def moe_layer_cases(layer, n):
     return [Case(base + "fwd", fwd, flops=f, router=route), Case(base + "fwdbwd", fwdbwd, flops=3 * f)]
 
 
+# --------------------------------------------------------------------------------------- GEMM
+def gemm_cases(args):
+    """torch.mm on the BLAS torch uses: the rate any PyTorch layer here is bounded by. A large
+    square product, and the up-projection shape of the MoE layers (4096 rows, 384 -> 1536)."""
+    for name, (m, k, n) in (("sgemm.n2048", (2048, 2048, 2048)), ("sgemm.moe_up", (4096, 384, 1536))):
+        a = torch.randn(m, k, device=DEVICE)
+        b = torch.randn(k, n, device=DEVICE)
+        out = torch.empty(m, n, device=DEVICE)
+        yield Case("gemm." + name, lambda a=a, b=b, out=out: torch.mm(a, b, out=out), flops=2.0 * m * n * k)
+
+
 # ---------------------------------------------------------------------------------------- DiT
 def build_dit(preset, mlp):
     moe = None
@@ -285,6 +300,7 @@ CASE_FAMILIES = {
     "moe": lambda args: (c for n in args.tokens for layer in MOE_LAYERS for c in moe_layer_cases(layer, n)),
     "dit": lambda args: (dit_train_case(p, mlp) for p in args.dit_presets for mlp in DIT_MLPS),
     "sample": lambda args: (sample_case(p, mlp) for p in SAMPLE_PRESETS for mlp in DIT_MLPS),
+    "gemm": gemm_cases,
 }
 
 
@@ -329,7 +345,7 @@ def parse_args(argv=None):
     ap.add_argument("--tokens", type=csv_list(token_count), default=[1024, 4096, 16384],
                     help="MoE layer token counts, multiples of 256 (default 1024,4096,16384)")
     ap.add_argument("--cases", type=csv_list(case_family), default=list(CASE_FAMILIES),
-                    help="case families to run (default moe,dit,sample)")
+                    help="case families to run (default moe,dit,sample,gemm)")
     ap.add_argument("--dit-presets", type=csv_list(dit_preset), default=DEFAULT_DIT_PRESETS,
                     help="DiT presets of the training-step cases (default mini-28,mini-32; also S)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where torch runs (default cpu)")
