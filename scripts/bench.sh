@@ -93,8 +93,10 @@ if [[ "$python" == /usr/bin/python3 ]] && "$python" -c 'import torch' >/dev/null
   else
     core_source="OpenBLAS's own detection"
   fi
-  echo "== torch_bench: OpenBLAS kernel $(openblas_core) (${core_source})"
-  merge_args+=(--openblas-core "$(openblas_core)")
+  core="$installed_core"
+  [[ "$core_source" == "set by bench.sh"* ]] && core="$(openblas_core)"
+  echo "== torch_bench: OpenBLAS kernel $core (${core_source})"
+  merge_args+=(--openblas-core "$core")
   if "$python" "$repo/bench/torch_bench.py" --threads 2 "${bench_args[@]}" --out "$work/torch.json"; then
     merge_args+=(--torch "$work/torch.json")
   else
@@ -105,8 +107,8 @@ if [[ "$python" == /usr/bin/python3 ]] && "$python" -c 'import torch' >/dev/null
   # on the MoE layers, DiT steps and GEMMs.
   if [[ "$core_source" == "set by bench.sh"* && "$torch_status" == 0 ]]; then
     unset OPENBLAS_CORETYPE
-    echo "== torch_bench as installed: OpenBLAS kernel $(openblas_core) (OpenBLAS's own detection)"
-    merge_args+=(--openblas-core-as-installed "$(openblas_core)")
+    echo "== torch_bench as installed: OpenBLAS kernel $installed_core (OpenBLAS's own detection)"
+    merge_args+=(--openblas-core-as-installed "$installed_core")
     if "$python" "$repo/bench/torch_bench.py" --threads 2 "${bench_args[@]}" --cases moe,dit,gemm \
         --out "$work/torch-installed.json"; then
       merge_args+=(--torch-as-installed "$work/torch-installed.json")
