@@ -38,6 +38,47 @@ std::vector<int> mask_of(const Plan& plan, index_t experts) {
   return m;
 }
 
+/// Router R with its `routes_per_token` hidden: conditional<gathered<R>> hands R only the
+/// labelled tokens, gathered, where conditional<R> routes every token and masks.
+template <class R>
+struct gathered {
+  using options = typename R::options;
+  static constexpr const char* name = R::name;
+  template <class T, class B>
+  class impl : public R::template impl<T, B> {
+   public:
+    using R::template impl<T, B>::impl;
+    static constexpr bool routes_per_token = false;
+  };
+};
+
+/// One training step (forward with losses, backward) of two layers with the same weights:
+/// their outputs, loss values, input gradients and parameter gradients agree.
+template <class B, class Masked, class Gathered>
+void check_same_step(Masked& masked, Gathered& gathered, index_t tokens, const std::vector<std::int64_t>& labels) {
+  for (const auto& p : masked.parameters())
+    for (const auto& q : gathered.parameters())
+      if (p.name == q.name) Masked::traits::copy(p.value, p.size(), q.value);
+  const index_t d = masked.dim();
+  const auto x = to_device<B>(random_vector<double>(static_cast<std::size_t>(tokens * d), 31), {tokens, d});
+  const auto dy = to_device<B>(random_vector<double>(static_cast<std::size_t>(tokens * d), 32), {tokens, d});
+  typename Masked::cache cm;
+  typename Gathered::cache cg;
+  const auto ym = masked.forward(x, labels, cm).to_host(), yg = gathered.forward(x, labels, cg).to_host();
+  CHECK(promoe_test::relative_error(ym, yg) <= 1e-13);
+  for (std::size_t i = 0; i < cm.loss_values.size(); ++i) {
+    CAPTURE(i);
+    CHECK(cm.loss_values[i] == Approx(cg.loss_values[i]).epsilon(1e-12).margin(1e-15));
+  }
+  const auto dxm = masked.backward(dy, cm).to_host(), dxg = gathered.backward(dy, cg).to_host();
+  CHECK(promoe_test::relative_error(dxm, dxg) <= 1e-12);
+  const auto gm = promoe_test::read_grads(masked), gg = promoe_test::read_grads(gathered);
+  for (const auto& [name, g] : gm.tensors) {
+    CAPTURE(name);
+    CHECK(promoe_test::relative_error(g, gg.at(name), 1e-12) <= 1e-12);
+  }
+}
+
 /// Rows [first, first + count) of a [tokens, D] host matrix.
 std::vector<double> rows(const std::vector<double>& m, index_t d, index_t first, index_t count) {
   return {m.begin() + first * d, m.begin() + (first + count) * d};
@@ -218,6 +259,61 @@ TEMPLATE_LIST_TEST_CASE("ProMoE: null-label samples go to the unconditional expe
   const auto y_fast = layer.infer(x, nulls).to_host();
   CHECK(promoe_test::relative_error(y_fast, y_train) <= 1e-14);
   CHECK(layer.aux_loss(c2) == 0.0);
+}
+
+TEMPLATE_LIST_TEST_CASE("conditional routing: masking every token equals gathering the labelled ones",
+                        "[routers][conditional]", test_backends) {
+  using B = TestType;
+  const std::vector<std::int64_t> labels{3, 10, 0, 10, 7};  // 5 samples of 4 tokens, two null
+  SECTION("linear top-2, two unconditional experts, load balance and z-loss") {
+    using all_losses = losses<loss::load_balance, loss::z_loss>;
+    using masked_t = moe_layer<router::conditional<router::top_k>, expert::mlp<act::gelu_tanh>, all_losses, B, double>;
+    using gathered_t =
+        moe_layer<router::conditional<gathered<router::top_k>>, expert::mlp<act::gelu_tanh>, all_losses, B, double>;
+    STATIC_REQUIRE(masked_t::router_impl::masked);
+    STATIC_REQUIRE(!gathered_t::router_impl::masked);
+    typename masked_t::config cfg;
+    cfg.dim = 6, cfg.routed_experts = 4, cfg.expert_hidden = 5, cfg.unconditional_experts = 2;
+    cfg.router.inner = {2, score_fn::softmax, true};
+    cfg.router.null_label = 10;
+    cfg.loss = {{0.5}, {0.3}};
+    typename gathered_t::config gcfg;
+    gcfg.dim = 6, gcfg.routed_experts = 4, gcfg.expert_hidden = 5, gcfg.unconditional_experts = 2;
+    gcfg.router.inner = cfg.router.inner;
+    gcfg.router.null_label = 10;
+    gcfg.loss = cfg.loss;
+    masked_t masked(cfg, rng{41});
+    gathered_t gathered(gcfg, rng{42});
+    check_same_step<B>(masked, gathered, 20, labels);
+  }
+  SECTION("ProMoE: prototypes, RCL, load balance and z-loss") {
+    using all_losses = losses<loss::routing_contrastive, loss::load_balance, loss::z_loss>;
+    using masked_t =
+        moe_layer<router::conditional<router::prototypical>, expert::mlp<act::gelu_tanh>, all_losses, B, double>;
+    using gathered_t = moe_layer<router::conditional<gathered<router::prototypical>>, expert::mlp<act::gelu_tanh>,
+                                 all_losses, B, double>;
+    typename masked_t::config cfg;
+    cfg.dim = 6, cfg.routed_experts = 4, cfg.expert_hidden = 5, cfg.unconditional_experts = 1;
+    cfg.shared_experts = 1;
+    cfg.router.inner.k = 2;
+    cfg.router.null_label = 10;
+    cfg.loss = {{1.0, 0.07, true}, {0.5}, {0.3}};
+    typename gathered_t::config gcfg;
+    gcfg.dim = 6, gcfg.routed_experts = 4, gcfg.expert_hidden = 5, gcfg.unconditional_experts = 1;
+    gcfg.shared_experts = 1;
+    gcfg.router.inner = cfg.router.inner;
+    gcfg.router.null_label = 10;
+    gcfg.loss = cfg.loss;
+    masked_t masked(cfg, rng{43});
+    gathered_t gathered(gcfg, rng{44});
+    for (auto& p : masked.parameters())  // prototypes far enough apart that every expert gets tokens
+      if (p.name == "cluster_centers") {
+        const auto v = random_vector<double>(static_cast<std::size_t>(p.size()), 45, 1.0);
+        backend_traits<B>::copy_from_host(v.data(), p.size(), p.value);
+      }
+    check_same_step<B>(masked, gathered, 20, labels);
+    check_same_step<B>(masked, gathered, 20, std::vector<std::int64_t>{10, 10, 10, 10, 2});
+  }
 }
 
 TEST_CASE("conditional routing checks its labels", "[routers][errors]") {

@@ -368,7 +368,10 @@ class moe_layer<Router, Expert, losses<L...>, B, T, SharedExpert> {
     c.yp.resize({rows, d});
     routing::gather<B>(c.plan, in.x, c.xp.matrix());
     // Row tiles of the experts as independent tasks (rows are independent in the forward).
+    // Reserved for the most tiles any routing of this many slots can make, so that a batch
+    // whose rows split differently over the experts does not allocate.
     c.tiles.clear();
+    c.tiles.reserve(static_cast<std::size_t>(c.plan.tokens * c.plan.slots_per_token / tile_rows + experts_.count()));
     for (index_t e = 0; e < experts_.count(); ++e) {
       const index_t end = c.plan.host_offsets[e] + c.plan.expert_rows(e);
       for (index_t first = c.plan.host_offsets[e]; first < end;) {

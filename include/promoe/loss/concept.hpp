@@ -58,16 +58,18 @@ struct softmax_rows_functor {
     score::apply(score_fn::softmax, logits + t * experts, probs + t * experts, experts);
   }
 };
-/// mean[e] = (1 / tokens) sum_t m[t, e], summed in token order (deterministic).
+/// mean[e] = sum_t w_t m[t, e] / counted, w_t the token's mask value (1 without a mask),
+/// summed in token order (deterministic).
 template <class T>
 struct column_mean_functor {
   const T* m;  // [tokens, E]
-  index_t tokens, experts;
+  const T* mask;  // [tokens] or null
+  index_t tokens, experts, counted;
   T* mean;  // [E]
   PROMOE_HOST_DEVICE void operator()(index_t e) const {
     T s = T(0);
-    for (index_t t = 0; t < tokens; ++t) s += m[t * experts + e];
-    mean[e] = tokens ? s / T(tokens) : T(0);
+    for (index_t t = 0; t < tokens; ++t) s += token_weight(mask, t) * m[t * experts + e];
+    mean[e] = counted ? s / T(counted) : T(0);
   }
 };
 }  // namespace detail

@@ -7,6 +7,7 @@
 /// softmax(logits)_e. f carries no gradient.
 #pragma once
 
+#include <cstdint>
 #include <vector>
 
 #include "../backend/ops.hpp"
@@ -17,18 +18,38 @@
 namespace promoe::loss {
 
 namespace detail {
-/// dlogits[t, e] += p[t, e] * (g_e - sum_j g_j p[t, j]),  g_e = weight * E * f_e / N
+/// dlogits[t, e] += w_t p[t, e] (g_e - sum_j g_j p[t, j]),  g_e = weight * E * f_e / N,
+/// w_t the token's mask value.
 template <class T>
 struct load_balance_backward_functor {
   const T* probs;  // [tokens, E]
   const T* g;      // [E]
+  const T* mask;   // [tokens] or null
   index_t experts;
   T* dlogits;  // [tokens, E]
   PROMOE_HOST_DEVICE void operator()(index_t t) const {
+    const T w = token_weight(mask, t);
+    if (w == T(0)) return;
     const T* p = probs + t * experts;
     T dot = T(0);
     for (index_t e = 0; e < experts; ++e) dot += g[e] * p[e];
-    for (index_t e = 0; e < experts; ++e) dlogits[t * experts + e] += p[e] * (g[e] - dot);
+    for (index_t e = 0; e < experts; ++e) dlogits[t * experts + e] += w * p[e] * (g[e] - dot);
+  }
+};
+
+/// count[e] = the filled slots of masked-in tokens that went to expert e.
+template <class T>
+struct masked_expert_count_functor {
+  const std::int32_t* slot_expert;  // [tokens, slots]
+  const T* mask;                    // [tokens]
+  index_t tokens, slots;
+  T* count;  // [E]
+  PROMOE_HOST_DEVICE void operator()(index_t e) const {
+    T s = T(0);
+    for (index_t t = 0; t < tokens; ++t)
+      for (index_t q = 0; q < slots; ++q)
+        if (slot_expert[t * slots + q] == e) s += mask[t];
+    count[e] = s;
   }
 };
 }  // namespace detail
@@ -47,8 +68,9 @@ struct load_balance {
       tensor<T, B> probs;  ///< [tokens, E] softmax of the logits
       tensor<T, B> mean;   ///< [E] P_e
       tensor<T, B> g;      ///< [E] gradient coefficients
+      tensor<T, B> count;  ///< [E] slots per expert of masked-in tokens (with a token mask)
       std::vector<double> f;  ///< [E] dispatch fractions (host)
-      std::vector<T> mean_host, g_host;
+      std::vector<T> mean_host, g_host, count_host;
     };
 
     impl(const options& o, const router_layout&) : opt_(o) {}
@@ -58,16 +80,26 @@ struct load_balance {
       c.probs.resize({n, e});
       c.mean.resize({e});
       c.f.assign(static_cast<std::size_t>(e), 0.0);
-      if (n == 0) return T(0);
+      if (in.counted == 0) return T(0);
       traits::parallel_for(n, detail::softmax_rows_functor<T>{in.logits, c.probs.data(), e});
-      traits::parallel_for(e, detail::column_mean_functor<T>{c.probs.data(), n, e, c.mean.data()});
+      traits::parallel_for(e, detail::column_mean_functor<T>{c.probs.data(), in.token_mask, n, e, in.counted,
+                                                             c.mean.data()});
+      const auto expert_slots = [&](index_t x) {
+        return in.token_mask ? static_cast<double>(c.count_host[x]) : static_cast<double>(in.plan->expert_rows(x));
+      };
+      if (in.token_mask) {
+        c.count.resize({e});
+        traits::parallel_for(e, detail::masked_expert_count_functor<T>{in.plan->slot_expert.data(), in.token_mask, n,
+                                                                       in.plan->slots_per_token, c.count.data()});
+        c.count.to_host(c.count_host);
+      }
       double total = 0;
-      for (index_t x = 0; x < e; ++x) total += static_cast<double>(in.plan->expert_rows(x));
+      for (index_t x = 0; x < e; ++x) total += expert_slots(x);
       c.mean.to_host(c.mean_host);
       const auto& mean = c.mean_host;
       double value = 0;
       for (index_t x = 0; x < e; ++x) {
-        c.f[x] = total > 0 ? static_cast<double>(in.plan->expert_rows(x)) / total : 0.0;
+        c.f[x] = total > 0 ? expert_slots(x) / total : 0.0;
         value += c.f[x] * static_cast<double>(mean[x]);
       }
       return static_cast<T>(opt_.weight * static_cast<double>(e) * value);
@@ -75,13 +107,14 @@ struct load_balance {
 
     void backward(const loss_input<T, B>& in, cache& c) const {
       const index_t n = in.tokens, e = in.experts;
-      if (n == 0) return;
+      if (in.counted == 0) return;
       auto& g = c.g_host;
       g.resize(static_cast<std::size_t>(e));
-      for (index_t x = 0; x < e; ++x) g[x] = static_cast<T>(opt_.weight * e * c.f[x] / static_cast<double>(n));
+      for (index_t x = 0; x < e; ++x) g[x] = static_cast<T>(opt_.weight * e * c.f[x] / static_cast<double>(in.counted));
       c.g.resize({e});
       traits::copy_from_host(g.data(), e, c.g.data());
-      traits::parallel_for(n, detail::load_balance_backward_functor<T>{c.probs.data(), c.g.data(), e, in.dlogits});
+      traits::parallel_for(n, detail::load_balance_backward_functor<T>{c.probs.data(), c.g.data(), in.token_mask, e,
+                                                                       in.dlogits});
     }
 
     const options& opts() const { return opt_; }

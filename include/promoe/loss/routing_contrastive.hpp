@@ -22,14 +22,17 @@
 namespace promoe::loss {
 
 namespace detail {
-/// a[t, e] = 1 when token t counts for expert e (its top-k, or only its top-1).
+/// a[t, e] = 1 when token t counts for expert e (its top-k, or only its top-1; no expert
+/// when the token is masked out).
 template <class T>
 struct assignment_functor {
   const std::int32_t* slot_expert;  // [tokens, slots]
+  const T* mask;                    // [tokens] or null
   index_t slots, experts, counted_slots;
   T* a;  // [tokens, experts]
   PROMOE_HOST_DEVICE void operator()(index_t t) const {
     for (index_t e = 0; e < experts; ++e) a[t * experts + e] = T(0);
+    if (token_weight(mask, t) == T(0)) return;
     for (index_t s = 0; s < counted_slots; ++s) {
       const std::int32_t e = slot_expert[t * slots + s];
       if (e >= 0 && e < experts) a[t * experts + e] = T(1);
@@ -99,10 +102,11 @@ struct routing_contrastive {
       c.dim = d;
       c.active.clear();
       c.count.assign(static_cast<std::size_t>(e), 0.0);
-      if (n == 0) return T(0);
+      if (in.counted == 0) return T(0);
       const auto& plan = *in.plan;
       c.assign.resize({n, e});
-      traits::parallel_for(n, detail::assignment_functor<T>{plan.slot_expert.data(), plan.slots_per_token, e,
+      traits::parallel_for(n, detail::assignment_functor<T>{plan.slot_expert.data(), in.token_mask,
+                                                            plan.slots_per_token, e,
                                                             opt_.top_k_counting ? plan.slots_per_token : 1,
                                                             c.assign.data()});
       c.sums.resize({e, d});

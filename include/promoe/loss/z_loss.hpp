@@ -16,8 +16,9 @@ template <class T>
 struct logsumexp_functor {
   const T* logits;  // [tokens, E]
   index_t experts;
+  const T* mask;  // [tokens] or null
   T* lse;     // [tokens]
-  T* square;  // [tokens] lse^2
+  T* square;  // [tokens] w_t lse^2, w_t the token's mask value
   PROMOE_HOST_DEVICE void operator()(index_t t) const {
     using std::exp;
     using std::log;
@@ -27,21 +28,24 @@ struct logsumexp_functor {
     T s = T(0);
     for (index_t e = 0; e < experts; ++e) s += exp(z[e] - m);
     lse[t] = m + log(s);
-    square[t] = lse[t] * lse[t];
+    square[t] = token_weight(mask, t) * lse[t] * lse[t];
   }
 };
-/// dlogits[t, e] += scale * lse_t * softmax(z_t)_e,  scale = 2 weight / N
+/// dlogits[t, e] += w_t scale * lse_t * softmax(z_t)_e,  scale = 2 weight / N
 template <class T>
 struct z_loss_backward_functor {
   const T* logits;  // [tokens, E]
   const T* lse;     // [tokens]
+  const T* mask;    // [tokens] or null
   index_t experts;
   T scale;
   T* dlogits;  // [tokens, E]
   PROMOE_HOST_DEVICE void operator()(index_t t) const {
     using std::exp;
+    const T w = token_weight(mask, t) * scale;
+    if (w == T(0)) return;
     for (index_t e = 0; e < experts; ++e)
-      dlogits[t * experts + e] += scale * lse[t] * exp(logits[t * experts + e] - lse[t]);
+      dlogits[t * experts + e] += w * lse[t] * exp(logits[t * experts + e] - lse[t]);
   }
 };
 }  // namespace detail
@@ -67,16 +71,19 @@ struct z_loss {
       const index_t n = in.tokens;
       c.lse.resize({n});
       c.square.resize({n});
-      if (n == 0) return T(0);
-      traits::parallel_for(n, detail::logsumexp_functor<T>{in.logits, in.experts, c.lse.data(), c.square.data()});
-      return static_cast<T>(opt_.weight * static_cast<double>(traits::sum(c.square.data(), n)) / static_cast<double>(n));
+      if (in.counted == 0) return T(0);
+      traits::parallel_for(n, detail::logsumexp_functor<T>{in.logits, in.experts, in.token_mask, c.lse.data(),
+                                                           c.square.data()});
+      return static_cast<T>(opt_.weight * static_cast<double>(traits::sum(c.square.data(), n)) /
+                            static_cast<double>(in.counted));
     }
 
     void backward(const loss_input<T, B>& in, cache& c) const {
       const index_t n = in.tokens;
-      if (n == 0) return;
-      const T scale = static_cast<T>(2.0 * opt_.weight / static_cast<double>(n));
-      traits::parallel_for(n, detail::z_loss_backward_functor<T>{in.logits, c.lse.data(), in.experts, scale, in.dlogits});
+      if (in.counted == 0) return;
+      const T scale = static_cast<T>(2.0 * opt_.weight / static_cast<double>(in.counted));
+      traits::parallel_for(n, detail::z_loss_backward_functor<T>{in.logits, c.lse.data(), in.token_mask, in.experts,
+                                                                 scale, in.dlogits});
     }
 
     const options& opts() const { return opt_; }

@@ -60,6 +60,9 @@ struct route_input {
 ///        required to use auxiliary losses; with for_backward it prepares zeroed gradient
 ///        buffers that its backward then folds in
 ///  - static constexpr bool has_prototypes           (for loss::routing_contrastive)
+///  - static constexpr bool routes_per_token         (a token's slots depend on that token
+///        alone and its backward is linear in dgate, so a zero dgate gives zero gradient:
+///        conditional<R> then routes every token through R and masks, with no gather)
 ///  - for_each_buffer(f)                              (saved, untrained state; grad null)
 ///  - dense_expert(route_input) -> index_t           (an expert every token goes to with
 ///        gate 1, or -1: the inference fast path for classifier-free guidance's null batch)

@@ -4,6 +4,14 @@
 /// whose label is the null label goes to the unconditional expert(s) with gate 1 (split
 /// evenly when there are several); the tokens of labelled samples go to `Inner`. With no
 /// unconditional expert in the layout, every token goes to `Inner` (labels still checked).
+///
+/// How the labelled tokens reach `Inner`: a router that routes each token on its own
+/// (`routes_per_token`: top_k, prototypical) sees every token, and the null-label tokens'
+/// choices are overwritten, their gate gradients zeroed and the losses told to skip them
+/// with a token mask. So every buffer is sized by the batch, not by how many samples label
+/// dropout left labelled (no allocation when that number grows), and no rows are copied. A
+/// router whose choices depend on the other tokens (expert choice, Expert Race) sees only
+/// the labelled tokens, gathered into a buffer of their own.
 #pragma once
 
 #include <algorithm>
@@ -52,7 +60,7 @@ struct scatter_add_rows_functor {
 /// unconditional experts for a null-label token.
 template <class T>
 struct merge_slots_functor {
-  const index_t* compact;             // [tokens] index among routed tokens, -1 for null-label tokens
+  const index_t* compact;             // [tokens] the token's row in the inner plan, -1 for null-label tokens
   const std::int32_t* inner_expert;   // [routed tokens, inner slots]
   const T* inner_gate;                // [routed tokens, inner slots]
   index_t inner_slots, slots;
@@ -76,20 +84,30 @@ struct merge_slots_functor {
   }
 };
 
-/// The inner router's gate gradients: routed token c's slots are token rows[c]'s first slots.
+/// The inner router's gate gradients: token t's first inner slots go to the inner router's
+/// row compact[t]; with `masked` (the inner router sees every token) a null-label token's
+/// row t gets zeros.
 template <class T>
-struct compact_gates_functor {
-  const T* dgate;       // [tokens, slots]
-  const index_t* rows;  // [routed tokens]
+struct inner_gates_functor {
+  const T* dgate;          // [tokens, slots]
+  const index_t* compact;  // [tokens] the token's row in the inner router's input, or -1
   index_t slots, inner_slots;
-  T* inner_dgate;  // [routed tokens, inner slots]
-  PROMOE_HOST_DEVICE void operator()(index_t c) const {
-    for (index_t s = 0; s < inner_slots; ++s) inner_dgate[c * inner_slots + s] = dgate[rows[c] * slots + s];
+  bool masked;
+  T* inner_dgate;  // [inner rows, inner slots]
+  PROMOE_HOST_DEVICE void operator()(index_t t) const {
+    const index_t c = compact[t];
+    if (c >= 0) {
+      for (index_t s = 0; s < inner_slots; ++s) inner_dgate[c * inner_slots + s] = dgate[t * slots + s];
+    } else if (masked) {
+      for (index_t s = 0; s < inner_slots; ++s) inner_dgate[t * inner_slots + s] = T(0);
+    }
   }
 };
 
 template <class R>
 constexpr bool has_prototypes_v = requires { requires R::has_prototypes; };
+template <class R>
+constexpr bool routes_per_token_v = requires { requires R::routes_per_token; };
 
 }  // namespace detail
 
@@ -109,17 +127,22 @@ struct conditional {
     using traits = backend_traits<B>;
     using inner_impl = typename Inner::template impl<T, B>;
     static constexpr bool has_prototypes = detail::has_prototypes_v<inner_impl>;
+    /// The inner router sees every token (masked) rather than the gathered labelled ones.
+    static constexpr bool masked = detail::routes_per_token_v<inner_impl>;
 
     struct cache {
-      std::vector<index_t> host_rows;        ///< labelled tokens, in token order
-      std::vector<index_t> host_compact;     ///< [tokens] position in host_rows, or -1
-      std::vector<std::int64_t> labels;      ///< labels of the labelled samples
-      tensor<index_t, B> rows, compact;
-      tensor<T, B> xc;                       ///< [routed tokens, D]
+      std::vector<index_t> host_compact;  ///< [tokens] the token's row in the inner router's input, or -1
+      std::vector<T> host_mask;           ///< masked: [tokens] 1 for a labelled token, 0 for a null-label one
+      std::vector<index_t> host_rows;     ///< gathered: the labelled tokens, in token order
+      std::vector<std::int64_t> labels;   ///< gathered: the labels of the labelled samples
+      index_t counted = 0;                ///< labelled tokens
+      tensor<index_t, B> compact, rows;
+      tensor<T, B> mask;
+      tensor<T, B> xc;  ///< gathered: [labelled tokens, D]
       typename inner_impl::cache inner;
-      dispatch_plan<T, B> plan;              ///< the inner router's plan
-      tensor<T, B> dgate;                    ///< [routed tokens, inner slots]
-      tensor<T, B> dxc;                      ///< [routed tokens, D]
+      dispatch_plan<T, B> plan;  ///< the inner router's plan
+      tensor<T, B> dgate;        ///< [inner rows, inner slots]
+      tensor<T, B> dxc;          ///< gathered: [labelled tokens, D]
     };
 
     impl(const options& o, const router_layout& layout, rng& gen)
@@ -134,15 +157,18 @@ struct conditional {
     void forward(const route_input<T>& in, cache& c, dispatch_plan<T, B>& plan) const {
       const index_t n = in.x.rows, d = layout_.dim, slots = slots_per_token();
       split(in, c);
-      const index_t nc = static_cast<index_t>(c.host_rows.size());
-      c.xc.resize({nc, d});
-      traits::parallel_for(nc, detail::gather_rows_functor<T>{in.x.data, in.x.ld, c.rows.data(), d, c.xc.data()});
-      const route_input<T> inner_in = inner_input(in, c);
-      if (nc > 0) {
-        inner_.forward(inner_in, c.inner, c.plan);
+      if constexpr (masked) {
+        inner_.forward(in, c.inner, c.plan);
       } else {
-        c.plan.reset(0, inner_.slots_per_token(), layout_.routed);
-        c.plan.group();
+        const index_t nc = c.counted;
+        c.xc.resize({nc, d});
+        traits::parallel_for(nc, detail::gather_rows_functor<T>{in.x.data, in.x.ld, c.rows.data(), d, c.xc.data()});
+        if (nc > 0) {
+          inner_.forward(inner_input(in, c), c.inner, c.plan);
+        } else {
+          c.plan.reset(0, inner_.slots_per_token(), layout_.routed);
+          c.plan.group();
+        }
       }
       plan.reset(n, slots, layout_.experts());
       traits::parallel_for(n, detail::merge_slots_functor<T>{c.compact.data(), c.plan.slot_expert.data(),
@@ -155,20 +181,32 @@ struct conditional {
 
     /// The losses see the labelled tokens only.
     loss_input<T, B> loss_view(const route_input<T>& in, cache& c, const dispatch_plan<T, B>&, bool for_backward) {
-      return inner_.loss_view(inner_input(in, c), c.inner, c.plan, for_backward);
+      if constexpr (masked) {
+        loss_input<T, B> li = inner_.loss_view(in, c.inner, c.plan, for_backward);
+        li.token_mask = c.mask.data();
+        li.counted = c.counted;
+        return li;
+      } else {
+        return inner_.loss_view(inner_input(in, c), c.inner, c.plan, for_backward);
+      }
     }
 
     void backward(const route_input<T>& in, cache& c, const dispatch_plan<T, B>& plan, const T* dgate,
                   matrix_view<T> dx) {
-      const index_t nc = static_cast<index_t>(c.host_rows.size()), d = layout_.dim, ki = inner_.slots_per_token();
+      const index_t n = in.x.rows, nc = c.counted, d = layout_.dim, ki = inner_.slots_per_token();
       if (nc == 0) return;  // null-label tokens have constant gates: nothing to train
-      c.dgate.resize({nc * ki});
-      traits::parallel_for(nc, detail::compact_gates_functor<T>{dgate, c.rows.data(), plan.slots_per_token, ki,
-                                                                c.dgate.data()});
-      c.dxc.resize({nc, d});
-      c.dxc.fill(T(0));
-      inner_.backward(inner_input(in, c), c.inner, c.plan, c.dgate.data(), c.dxc.matrix());
-      traits::parallel_for(nc, detail::scatter_add_rows_functor<T>{c.dxc.data(), c.rows.data(), d, dx.data, dx.ld});
+      const index_t inner_rows = masked ? n : nc;
+      c.dgate.resize({inner_rows * ki});
+      traits::parallel_for(n, detail::inner_gates_functor<T>{dgate, c.compact.data(), plan.slots_per_token, ki,
+                                                             masked, c.dgate.data()});
+      if constexpr (masked) {
+        inner_.backward(in, c.inner, c.plan, c.dgate.data(), dx);
+      } else {
+        c.dxc.resize({nc, d});
+        c.dxc.fill(T(0));
+        inner_.backward(inner_input(in, c), c.inner, c.plan, c.dgate.data(), c.dxc.matrix());
+        traits::parallel_for(nc, detail::scatter_add_rows_functor<T>{c.dxc.data(), c.rows.data(), d, dx.data, dx.ld});
+      }
     }
 
     /// The CFG fast path: when every sample has the null label and there is one
@@ -201,25 +239,42 @@ struct conditional {
                      " is the null label)");
     }
 
-    /// Host lists of labelled tokens and their compact positions, copied to the backend.
+    /// Which tokens are labelled (the inner router's rows, the losses' mask), copied to the
+    /// backend.
     void split(const route_input<T>& in, cache& c) const {
       check_labels(in);
       const index_t n = in.x.rows, spt = in.tokens_per_sample;
-      c.host_rows.clear();
-      c.labels.clear();
       c.host_compact.assign(static_cast<std::size_t>(n), -1);
+      c.counted = 0;
+      if constexpr (masked) {
+        c.host_mask.assign(static_cast<std::size_t>(n), T(0));
+      } else {
+        c.host_rows.clear();
+        c.labels.clear();
+      }
       for (std::size_t b = 0; b < in.labels.size(); ++b) {
         if (in.labels[b] == opt_.null_label && layout_.unconditional > 0) continue;
-        c.labels.push_back(in.labels[b]);
+        if constexpr (!masked) c.labels.push_back(in.labels[b]);
         for (index_t t = static_cast<index_t>(b) * spt; t < static_cast<index_t>(b + 1) * spt; ++t) {
-          c.host_compact[t] = static_cast<index_t>(c.host_rows.size());
-          c.host_rows.push_back(t);
+          if constexpr (masked) {
+            c.host_compact[t] = t;
+            c.host_mask[t] = T(1);
+          } else {
+            c.host_compact[t] = c.counted;
+            c.host_rows.push_back(t);
+          }
+          ++c.counted;
         }
       }
-      c.rows.resize({static_cast<index_t>(c.host_rows.size())});
       c.compact.resize({n});
-      traits::copy_from_host(c.host_rows.data(), c.rows.size(), c.rows.data());
       traits::copy_from_host(c.host_compact.data(), n, c.compact.data());
+      if constexpr (masked) {
+        c.mask.resize({n});
+        traits::copy_from_host(c.host_mask.data(), n, c.mask.data());
+      } else {
+        c.rows.resize({c.counted});
+        traits::copy_from_host(c.host_rows.data(), c.counted, c.rows.data());
+      }
     }
 
     route_input<T> inner_input(const route_input<T>& in, const cache& c) const {

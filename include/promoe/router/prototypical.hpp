@@ -148,6 +148,7 @@ struct prototypical {
   class impl {
    public:
     using traits = backend_traits<B>;
+    static constexpr bool routes_per_token = true;
     static constexpr bool has_prototypes = true;
 
     // The tokens are never normalised in memory: the logits are x . pn^T divided by |x| per

@@ -28,6 +28,7 @@ struct top_k {
   class impl {
    public:
     using traits = backend_traits<B>;
+    static constexpr bool routes_per_token = true;
     static constexpr bool has_prototypes = false;
 
     struct cache {

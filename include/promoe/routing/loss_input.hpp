@@ -11,12 +11,22 @@
 
 namespace promoe {
 
-/// The routed tokens as the losses see them: for a conditional router only the tokens of
-/// labelled samples. Gradient pointers are null in the forward.
+/// A token's weight in the losses: its mask value, or 1 without a mask.
+template <class T>
+PROMOE_HOST_DEVICE inline T token_weight(const T* mask, index_t t) {
+  return mask ? mask[t] : T(1);
+}
+
+/// The routed tokens as the losses see them. A conditional router shows the losses the tokens
+/// of labelled samples only: either just those tokens, or all tokens with a mask that is 0 for
+/// the rest (then the losses count, average over and send gradients to the masked-in tokens
+/// only). Gradient pointers are null in the forward.
 template <class T, class B>
 struct loss_input {
   const T* logits = nullptr;  ///< [tokens, experts] routing logits
   index_t tokens = 0;
+  const T* token_mask = nullptr;  ///< [tokens] 1 for a token the losses count, 0 for one they skip; null: all count
+  index_t counted = 0;            ///< the number of tokens the losses count (`tokens` without a mask)
   index_t experts = 0;                        ///< routed experts
   const dispatch_plan<T, B>* plan = nullptr;  ///< the routing of these tokens (expert ids 0..experts-1)
   const_matrix_view<T> x;                     ///< [tokens, D] the routed tokens
@@ -54,7 +64,7 @@ struct loss_gradients {
   /// buffers are prepared and pointed to.
   loss_input<T, B> view(const T* logits, const_matrix_view<T> x, index_t experts, const dispatch_plan<T, B>& plan,
                         bool for_backward, const T* prototypes = nullptr, T* dprototypes = nullptr) {
-    loss_input<T, B> li{logits, x.rows, experts, &plan, x, prototypes};
+    loss_input<T, B> li{logits, x.rows, nullptr, x.rows, experts, &plan, x, prototypes};
     if (for_backward) {
       prepare(x.rows, experts, x.cols);
       li.dlogits = dlogits.data();
