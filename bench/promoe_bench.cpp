@@ -615,18 +615,22 @@ int main(int argc, char** argv) {
 #else
   const int threads = 1;
 #endif
-#if defined(EIGEN_USE_BLAS)
-  const char* gemm = "Eigen -> BLAS";
-#else
-  const char* gemm = "Eigen";
-#endif
+  // The host GEMM's kernel for blocks above OpenBLAS's small-matrix size (smaller ones: Eigen).
+  std::string gemm = "Eigen";
+  try {
+    if (promoe::detail::chosen_host_gemm_kernel() == promoe::detail::host_gemm_kernel::openblas)
+      gemm = "OpenBLAS (" + promoe::detail::openblas_core_name() + ")";
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "promoe_bench: %s\n", e.what());
+    return 2;
+  }
   const bool on_cpu = o.device == "cpu";
 #if defined(PROMOE_APP_THRUST) && THRUST_DEVICE_SYSTEM == THRUST_DEVICE_SYSTEM_CUDA
   if (!on_cpu) gemm = "cuBLAS";
 #endif
   std::printf("promoe_bench: %s backend, float32, GEMM via %s, %d OpenMP thread(s), %s; median of %d after 1 "
               "warm-up; heap counting %s\n",
-              on_cpu ? "cpu" : "thrust", gemm, threads, compiler().c_str(), o.reps,
+              on_cpu ? "cpu" : "thrust", gemm.c_str(), threads, compiler().c_str(), o.reps,
               heap::available() ? "on (malloc + operator new; host memory only)" : "off");
   report out(o.reps);
   report::print_header();

@@ -347,6 +347,22 @@ TEMPLATE_LIST_TEST_CASE("gemm: shapes beyond one cache block, split over threads
         for (double beta : {0.0, -0.5}) check_gemm<B, T>(ta, tb, s[0], s[1], s[2], 0.75, beta, seed++);
 }
 
+TEST_CASE("gemm: the host kernel is OpenBLAS's where it has one for the CPU, else Eigen's; PROMOE_GEMM decides",
+          "[core][backend][gemm]") {
+  using promoe::detail::host_gemm_kernel;
+  using promoe::detail::pick_host_gemm_kernel;
+  CHECK(pick_host_gemm_kernel("", "cooperlake") == host_gemm_kernel::openblas);
+  CHECK(pick_host_gemm_kernel("", "haswell") == host_gemm_kernel::openblas);
+  CHECK(pick_host_gemm_kernel("", "prescott") == host_gemm_kernel::eigen);  // Debian's fallback kernel
+  CHECK(pick_host_gemm_kernel("", "unknown") == host_gemm_kernel::eigen);
+  CHECK(pick_host_gemm_kernel("", "") == host_gemm_kernel::eigen);  // built without OpenBLAS
+  CHECK(pick_host_gemm_kernel("eigen", "skylakex") == host_gemm_kernel::eigen);
+  CHECK(pick_host_gemm_kernel("openblas", "prescott") == host_gemm_kernel::openblas);
+  REQUIRE_THROWS_WITH(pick_host_gemm_kernel("mkl", "zen"),
+                      Catch::Contains("PROMOE_GEMM=mkl") && Catch::Contains("expected eigen or openblas"));
+  REQUIRE_THROWS_WITH(pick_host_gemm_kernel("openblas", ""), Catch::Contains("built without OpenBLAS"));
+}
+
 TEMPLATE_LIST_TEST_CASE("gemm: k = 0, alpha = 0 and empty outputs", "[core][backend][gemm]", test_configs) {
   using B = typename TestType::backend;
   using T = typename TestType::scalar;

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 /// \file cpu.hpp
-/// \brief backend::cpu: host memory, OpenMP loops, Eigen GEMM (BLAS when EIGEN_USE_BLAS).
+/// \brief backend::cpu: host memory, OpenMP loops, GEMM through OpenBLAS or Eigen (host_gemm.hpp).
 #pragma once
 
 #include <algorithm>
@@ -17,7 +17,7 @@
 #include <Eigen/Core>
 
 #include "backend.hpp"
-#include "eigen_gemm.hpp"
+#include "host_gemm.hpp"
 
 namespace promoe {
 
@@ -28,6 +28,9 @@ struct backend_traits<backend::cpu> {
   static constexpr bool host_accessible = true;
   /// parallel_tasks runs tasks side by side (so callers may split work into more of them).
   static constexpr bool concurrent_tasks = true;
+  /// Column reductions over rows (sums over a sample's tokens) take this many neighbouring
+  /// columns per call, so the inner loop over columns vectorises.
+  static constexpr index_t column_block = 16;
 
   template <class T>
   using buffer = std::vector<T, Eigen::aligned_allocator<T>>;
@@ -82,7 +85,7 @@ struct backend_traits<backend::cpu> {
   template <class T>
   static void gemm(transpose ta, transpose tb, index_t m, index_t n, index_t k, T alpha, const T* a,
                    index_t lda, const T* b, index_t ldb, T beta, T* c, index_t ldc) {
-    detail::eigen_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    detail::host_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   }
 
   /// Stable counting sort: order lists the indices i with 0 <= keys[i] < num_keys grouped by

@@ -34,7 +34,7 @@
 #include "backend.hpp"
 
 #if THRUST_DEVICE_SYSTEM != THRUST_DEVICE_SYSTEM_CUDA
-#include "eigen_gemm.hpp"
+#include "host_gemm.hpp"
 #elif defined(PROMOE_HAS_CUBLAS)
 #include "cublas_gemm.hpp"
 #endif
@@ -107,6 +107,9 @@ struct backend_traits<backend::thrust> {
   static constexpr bool host_accessible = THRUST_DEVICE_SYSTEM != THRUST_DEVICE_SYSTEM_CUDA;
   /// parallel_tasks runs tasks one after another: fewer, larger operations are better.
   static constexpr bool concurrent_tasks = false;
+  /// Columns per call of a column reduction: one on a GPU (neighbouring threads then read
+  /// neighbouring addresses), a vector's worth on the host.
+  static constexpr index_t column_block = THRUST_DEVICE_SYSTEM == THRUST_DEVICE_SYSTEM_CUDA ? 1 : 16;
 
   template <class T>
   using buffer = ::thrust::device_vector<T>;
@@ -150,7 +153,7 @@ struct backend_traits<backend::thrust> {
   static void gemm(transpose ta, transpose tb, index_t m, index_t n, index_t k, T alpha, const T* a,
                    index_t lda, const T* b, index_t ldb, T beta, T* c, index_t ldc) {
 #if THRUST_DEVICE_SYSTEM != THRUST_DEVICE_SYSTEM_CUDA
-    detail::eigen_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    detail::host_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 #elif defined(PROMOE_HAS_CUBLAS)
     detail::cublas_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 #else

@@ -44,9 +44,10 @@ struct modulate_forward_functor {
   }
 };
 
-/// (sample s, column j) = idx / d, idx % d: over the sample's tokens t,
-/// dx += dy * (1 + scale), dshift += sum_t dy, dscale += sum_t dy * x.
-template <class T>
+/// Columns [j0, j0 + W) of sample s (idx = s * blocks + block) over the sample's tokens t:
+/// dx += dy * (1 + scale), dshift += sum_t dy, dscale += sum_t dy * x. W is the backend's
+/// column_block: neighbouring columns per call so that the host vectorises over them.
+template <class T, index_t W>
 struct modulate_backward_functor {
   const T* x;  // [S * tokens, d], leading dimension ldx (the forward's input)
   index_t ldx;
@@ -63,18 +64,29 @@ struct modulate_backward_functor {
   index_t d, tokens;
 
   PROMOE_HOST_DEVICE void operator()(index_t idx) const {
-    const index_t s = idx / d, j = idx % d;
-    const T a = T(1) + scale[s * ldsc + j];
-    T gs = T(0), gc = T(0);
-    for (index_t t = 0; t < tokens; ++t) {
-      const index_t r = s * tokens + t;
-      const T g = dy[r * lddy + j];
-      gs += g;
-      gc += g * x[r * ldx + j];
-      if (dx) dx[r * lddx + j] += g * a;
+    const index_t blocks = (d + W - 1) / W, s = idx / blocks, j0 = idx % blocks * W;
+    const index_t w = d - j0 < W ? d - j0 : W;
+    T a[W], gs[W], gc[W];
+    for (index_t q = 0; q < w; ++q) {
+      a[q] = T(1) + scale[s * ldsc + j0 + q];
+      gs[q] = gc[q] = T(0);
     }
-    if (dshift) dshift[s * lddsh + j] += gs;
-    if (dscale) dscale[s * lddsc + j] += gc;
+    for (index_t r = s * tokens; r < (s + 1) * tokens; ++r) {
+      const T* g = dy + r * lddy + j0;
+      const T* xr = x + r * ldx + j0;
+      for (index_t q = 0; q < w; ++q) {
+        gs[q] += g[q];
+        gc[q] += g[q] * xr[q];
+      }
+      if (dx) {
+        T* o = dx + r * lddx + j0;
+        for (index_t q = 0; q < w; ++q) o[q] += g[q] * a[q];
+      }
+    }
+    for (index_t q = 0; q < w; ++q) {
+      if (dshift) dshift[s * lddsh + j0 + q] += gs[q];
+      if (dscale) dscale[s * lddsc + j0 + q] += gc[q];
+    }
   }
 };
 
@@ -101,9 +113,9 @@ struct gated_residual_forward_functor {
   }
 };
 
-/// (sample s, column j) = idx / d, idx % d: over the sample's tokens t,
-/// dx += dout, dh += gate * dout, dgate += sum_t dout * h.
-template <class T>
+/// Columns [j0, j0 + W) of sample s (idx = s * blocks + block) over the sample's tokens t:
+/// dx += dout, dh += gate * dout, dgate += sum_t dout * h (W as in modulate_backward_functor).
+template <class T, index_t W>
 struct gated_residual_backward_functor {
   const T* gate;  // [S, d], leading dimension ldg
   index_t ldg;
@@ -120,17 +132,28 @@ struct gated_residual_backward_functor {
   index_t d, tokens;
 
   PROMOE_HOST_DEVICE void operator()(index_t idx) const {
-    const index_t s = idx / d, j = idx % d;
-    const T g = gate[s * ldg + j];
-    T acc = T(0);
-    for (index_t t = 0; t < tokens; ++t) {
-      const index_t r = s * tokens + t;
-      const T go = dout[r * lddo + j];
-      acc += go * h[r * ldh + j];
-      if (dh) dh[r * lddh + j] += g * go;
-      if (dx) dx[r * lddx + j] += go;
+    const index_t blocks = (d + W - 1) / W, s = idx / blocks, j0 = idx % blocks * W;
+    const index_t w = d - j0 < W ? d - j0 : W;
+    T g[W], acc[W];
+    for (index_t q = 0; q < w; ++q) {
+      g[q] = gate[s * ldg + j0 + q];
+      acc[q] = T(0);
     }
-    if (dgate) dgate[s * lddg + j] += acc;
+    for (index_t r = s * tokens; r < (s + 1) * tokens; ++r) {
+      const T* go = dout + r * lddo + j0;
+      const T* hr = h + r * ldh + j0;
+      for (index_t q = 0; q < w; ++q) acc[q] += go[q] * hr[q];
+      if (dh) {
+        T* o = dh + r * lddh + j0;
+        for (index_t q = 0; q < w; ++q) o[q] += g[q] * go[q];
+      }
+      if (dx) {
+        T* o = dx + r * lddx + j0;
+        for (index_t q = 0; q < w; ++q) o[q] += go[q];
+      }
+    }
+    if (dgate)
+      for (index_t q = 0; q < w; ++q) dgate[s * lddg + j0 + q] += acc[q];
   }
 };
 
@@ -177,10 +200,11 @@ struct modulate {
     detail::check_optional_rows(fn, "dshift", dshift, samples, d);
     detail::check_optional_rows(fn, "dscale", dscale, samples, d);
     if (samples == 0 || d == 0) return;
+    constexpr index_t w = backend_traits<B>::column_block;
     backend_traits<B>::parallel_for(
-        samples * d, detail::modulate_backward_functor<T>{x.data, x.ld, scale.data, scale.ld, dy.data, dy.ld, dx.data,
-                                                          dx.ld, dshift.data, dshift.ld, dscale.data, dscale.ld, d,
-                                                          tokens});
+        samples * ((d + w - 1) / w),
+        detail::modulate_backward_functor<T, w>{x.data, x.ld, scale.data, scale.ld, dy.data, dy.ld, dx.data, dx.ld,
+                                                dshift.data, dshift.ld, dscale.data, dscale.ld, d, tokens});
   }
 
  private:
@@ -224,10 +248,11 @@ struct gated_residual {
     detail::check_optional_rows(fn, "dh", dh, h.rows, d);
     detail::check_optional_rows(fn, "dgate", dgate, samples, d);
     if (samples == 0 || d == 0) return;
+    constexpr index_t w = backend_traits<B>::column_block;
     backend_traits<B>::parallel_for(
-        samples * d, detail::gated_residual_backward_functor<T>{gate.data, gate.ld, h.data, h.ld, dout.data, dout.ld,
-                                                                dx.data, dx.ld, dh.data, dh.ld, dgate.data, dgate.ld,
-                                                                d, tokens});
+        samples * ((d + w - 1) / w),
+        detail::gated_residual_backward_functor<T, w>{gate.data, gate.ld, h.data, h.ld, dout.data, dout.ld, dx.data,
+                                                      dx.ld, dh.data, dh.ld, dgate.data, dgate.ld, d, tokens});
   }
 
  private:

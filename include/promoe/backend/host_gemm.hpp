@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
-/// \file eigen_gemm.hpp
-/// \brief Row-major GEMM on host pointers through Eigen's blocked kernel, with packing buffers
-/// that the threads keep and reuse (or through BLAS under EIGEN_USE_BLAS).
+/// \file host_gemm.hpp
+/// \brief Row-major GEMM on host pointers, split over the OpenMP threads by promoe, each block
+/// through OpenBLAS (where it has a kernel for the CPU: openblas.hpp) or Eigen's blocked
+/// kernel, with packing buffers that the threads keep and reuse.
 ///
 /// Why not `C.noalias() += A * B`: Eigen's product takes its packing buffers (about a
 /// megabyte per call) from malloc on every call once they exceed its stack limit, which
@@ -24,6 +25,7 @@
 #endif
 
 #include "backend.hpp"
+#include "openblas.hpp"
 
 namespace promoe::detail {
 
@@ -134,10 +136,26 @@ class workspace_blocking : public Eigen::internal::level3_blocking<T, T> {
   }
 };
 
-/// C[m, n] += alpha * op(A) * op(B) on one thread; A, B, C row-major with leading dimensions.
+/// C = beta * C for a row-major block (beta 0 overwrites, even NaN, as BLAS does).
+template <class T>
+void scale_block(index_t m, index_t n, T beta, T* c, index_t ldc) {
+  if (beta == T(1)) return;
+  using mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  Eigen::Map<mat, Eigen::Unaligned, Eigen::OuterStride<>> C(c, m, n, Eigen::OuterStride<>(ldc));
+  if (beta == T(0)) {
+    C.setZero();
+  } else {
+    C *= beta;
+  }
+}
+
+/// C[m, n] = alpha * op(A) * op(B) + beta * C on one thread; A, B, C row-major with leading
+/// dimensions.
 template <class T, transpose TA, transpose TB>
-void eigen_gemm_sequential(index_t m, index_t n, index_t k, T alpha, const T* a, index_t lda, const T* b,
-                           index_t ldb, T* c, index_t ldc) {
+void host_gemm_sequential(index_t m, index_t n, index_t k, T alpha, const T* a, index_t lda, const T* b,
+                          index_t ldb, T beta, T* c, index_t ldc) {
+  if (openblas_gemm<T>(TA, TB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)) return;
+  scale_block(m, n, beta, c, ldc);
   constexpr int a_order = TA == transpose::no ? Eigen::RowMajor : Eigen::ColMajor;
   constexpr int b_order = TB == transpose::no ? Eigen::RowMajor : Eigen::ColMajor;
   using product = Eigen::internal::general_matrix_matrix_product<Eigen::Index, T, a_order, false, T, b_order, false,
@@ -147,11 +165,12 @@ void eigen_gemm_sequential(index_t m, index_t n, index_t k, T alpha, const T* a,
   product::run(m, n, k, a, lda, b, ldb, c, 1, ldc, alpha, blocking, nullptr);
 }
 
-/// C[m, n] += alpha * op(A) * op(B), split over the OpenMP threads by rows of C (or by
-/// columns when C has few rows) when called outside a parallel region and worth it.
+/// C[m, n] = alpha * op(A) * op(B) + beta * C, split over the OpenMP threads by rows of C (or
+/// by columns when C has few rows) when called outside a parallel region and worth it; each
+/// thread also applies beta to its own block.
 template <class T, transpose TA, transpose TB>
-void eigen_gemm_add(index_t m, index_t n, index_t k, T alpha, const T* a, index_t lda, const T* b, index_t ldb, T* c,
-                    index_t ldc) {
+void host_gemm_split(index_t m, index_t n, index_t k, T alpha, const T* a, index_t lda, const T* b, index_t ldb,
+                     T beta, T* c, index_t ldc) {
   int threads = 1;
 #if defined(_OPENMP)
   if (!omp_in_parallel()) {
@@ -166,7 +185,7 @@ void eigen_gemm_add(index_t m, index_t n, index_t k, T alpha, const T* a, index_
   const index_t extent = by_rows ? m : n;
   threads = static_cast<int>(std::min<index_t>(threads, (extent + grain - 1) / grain));
   if (threads <= 1) {
-    eigen_gemm_sequential<T, TA, TB>(m, n, k, alpha, a, lda, b, ldb, c, ldc);
+    host_gemm_sequential<T, TA, TB>(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     return;
   }
 #if defined(_OPENMP)
@@ -180,10 +199,10 @@ void eigen_gemm_add(index_t m, index_t n, index_t k, T alpha, const T* a, index_
     if (len == 0) continue;
     if (by_rows) {
       const T* at = TA == transpose::no ? a + begin * lda : a + begin;
-      eigen_gemm_sequential<T, TA, TB>(len, n, k, alpha, at, lda, b, ldb, c + begin * ldc, ldc);
+      host_gemm_sequential<T, TA, TB>(len, n, k, alpha, at, lda, b, ldb, beta, c + begin * ldc, ldc);
     } else {
       const T* bt = TB == transpose::no ? b + begin : b + begin * ldb;
-      eigen_gemm_sequential<T, TA, TB>(m, len, k, alpha, a, lda, bt, ldb, c + begin, ldc);
+      host_gemm_sequential<T, TA, TB>(m, len, k, alpha, a, lda, bt, ldb, beta, c + begin, ldc);
     }
   }
 #endif
@@ -191,35 +210,29 @@ void eigen_gemm_add(index_t m, index_t n, index_t k, T alpha, const T* a, index_
 
 /// C[m, n] = alpha * op(A) * op(B) + beta * C, all row-major with leading dimensions.
 template <class T>
-void eigen_gemm(transpose ta, transpose tb, index_t m, index_t n, index_t k, T alpha, const T* a,
+void host_gemm(transpose ta, transpose tb, index_t m, index_t n, index_t k, T alpha, const T* a,
                 index_t lda, const T* b, index_t ldb, T beta, T* c, index_t ldc) {
   using mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   using map = Eigen::Map<mat, Eigen::Unaligned, Eigen::OuterStride<>>;
   if (m == 0 || n == 0) return;
-  map C(c, m, n, Eigen::OuterStride<>(ldc));
-  if (beta == T(0)) {
-    C.setZero();  // beta = 0 overwrites, even NaN, as BLAS does
-  } else if (beta != T(1)) {
-    C *= beta;
-  }
-  if (k == 0 || alpha == T(0)) return;
-#if !defined(EIGEN_USE_BLAS)
   // Matrix-vector products stay with Eigen's GEMV below: it packs nothing.
-  if (m > 1 && n > 1) {
+  if (m > 1 && n > 1 && k > 0 && alpha != T(0)) {
     if (ta == transpose::no && tb == transpose::no) {
-      eigen_gemm_add<T, transpose::no, transpose::no>(m, n, k, alpha, a, lda, b, ldb, c, ldc);
+      host_gemm_split<T, transpose::no, transpose::no>(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     } else if (ta == transpose::no) {
-      eigen_gemm_add<T, transpose::no, transpose::yes>(m, n, k, alpha, a, lda, b, ldb, c, ldc);
+      host_gemm_split<T, transpose::no, transpose::yes>(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     } else if (tb == transpose::no) {
-      eigen_gemm_add<T, transpose::yes, transpose::no>(m, n, k, alpha, a, lda, b, ldb, c, ldc);
+      host_gemm_split<T, transpose::yes, transpose::no>(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     } else {
-      eigen_gemm_add<T, transpose::yes, transpose::yes>(m, n, k, alpha, a, lda, b, ldb, c, ldc);
+      host_gemm_split<T, transpose::yes, transpose::yes>(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     }
     return;
   }
-#endif
-  // Eigen's product expression: GEMV, or under EIGEN_USE_BLAS the BLAS (own buffers). alpha
-  // scales the matrix operand: a scaled vector would be evaluated into a temporary.
+  scale_block(m, n, beta, c, ldc);
+  if (k == 0 || alpha == T(0)) return;
+  map C(c, m, n, Eigen::OuterStride<>(ldc));
+  // Eigen's GEMV. alpha scales the matrix operand: a scaled vector would be evaluated into a
+  // temporary.
   using cmap = Eigen::Map<const mat, Eigen::Unaligned, Eigen::OuterStride<>>;
   const cmap A(a, ta == transpose::yes ? k : m, ta == transpose::yes ? m : k, Eigen::OuterStride<>(lda));
   const cmap B(b, tb == transpose::yes ? n : k, tb == transpose::yes ? k : n, Eigen::OuterStride<>(ldb));
