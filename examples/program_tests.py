@@ -142,6 +142,8 @@ def errors(a):
          ["unknown DiT preset 'tiny'"]),
         ("unknown MLP kind", run_dir, [*train, "--out", run_dir, "--resume", "--mlp", "soft"],
          ["unknown MLP kind 'soft'"]),
+        ("unknown matmul precision", run_dir, [*train, "--out", run_dir, "--resume", "--matmul-precision", "fp8"],
+         ["matmul precision 'fp8'", "highest, bf16"]),
         ("missing data", run_dir, [*train, "--out", run_dir, "--resume", "--data", os.path.join(work, "nothing")],
          ["nothing", "no such file or folder"]),
         ("truncated gzip IDX", run_dir, [*train, "--out", run_dir, "--resume", "--data", truncated_gz],
@@ -266,6 +268,31 @@ def devices(a):
               f"samples differ by at most {far:.3g}")
         if worst > 1e-4 or far > 1e-3:
             sys.exit(f"{dev} does not reproduce {ref}: losses {losses[ref]} vs {losses[dev]}, samples {far:.3g}")
+
+    # bf16 GEMMs: the devices agree with each other (to 1e-2, the GPU's limit: on the CPU and
+    # the Thrust OpenMP system both round the same operands) and stay near the float32 run.
+    # The first steps' loss hardly depends on the GEMMs (DiT starts with a zero output layer);
+    # the routing contrastive loss (aux) does, which shows that the bf16 path ran.
+    def log_column(out, column):
+        with open(os.path.join(out, "log.csv")) as f:
+            return [float(line.split(",")[column]) for line in f.read().splitlines()[1:]]
+
+    bf16, aux, aux_bf16 = {}, {}, {}
+    for dev in names:
+        out = os.path.join(a.work, "run_bf16_" + dev)
+        run([a.train, *BASE, "--device", dev, "--mlp", "promoe", "--steps", "6", "--log-every", "1",
+             "--sample-every", "6", "--matmul-precision", "bf16", "--out", out])
+        bf16[dev], aux_bf16[dev] = log_column(out, 1), log_column(out, 2)
+        aux[dev] = log_column(os.path.join(a.work, "run_" + dev), 2)
+    for dev in names:
+        worst = max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(bf16[ref], bf16[dev]))
+        drift = max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(losses[dev], bf16[dev]))
+        aux_drift = max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(aux[dev], aux_bf16[dev]))
+        print(f"{dev} with bf16 GEMMs: losses {bf16[dev]}, vs {ref} with bf16 {worst:.3g}, vs float32 {drift:.3g} "
+              f"(aux {aux_drift:.3g})")
+        if len(bf16[dev]) != 6 or worst > 1e-2 or drift > 5e-2 or not 0 < aux_drift <= 5e-2:
+            sys.exit(f"{dev}: bf16 losses {bf16[dev]} aux {aux_bf16[dev]} (float32 {losses[dev]} aux {aux[dev]}, "
+                     f"{ref} bf16 {bf16[ref]})")
 
 
 def kill(a):

@@ -24,7 +24,7 @@ int main(int argc, char** argv) {
   std::uint64_t seed = 0;
   std::vector<std::int64_t> labels;
   bool raw_weights = false;
-  std::string device = default_device;
+  std::string device = default_device, matmul_precision = "highest";
   cli.add_option("--checkpoint", checkpoint, "checkpoint written by train_dit")->required();
   cli.add_option("--num-samples", num_samples, "images to sample")->capture_default_str();
   cli.add_option("--cfg-scale", cfg_scale, "classifier-free guidance scale (>= 1)")->capture_default_str();
@@ -37,11 +37,14 @@ int main(int argc, char** argv) {
                  "[N,C,H,W] float32 and labels, e.g. latents for a decoder)")
       ->capture_default_str();
   cli.add_option("--device", device, "where to sample: cpu, thrust or cuda (as train_dit)")->capture_default_str();
+  cli.add_option("--matmul-precision", matmul_precision, "float32 GEMMs: highest or bf16 (as train_dit)")
+      ->capture_default_str();
   cli.add_flag("--raw-weights", raw_weights, "use the trained weights instead of their EMA");
   CLI11_PARSE(cli, argc, argv);
   try {
     PROMOE_CHECK(num_samples >= 1, "--num-samples must be >= 1, got ", num_samples);
     PROMOE_CHECK(steps >= 1, "--steps must be >= 1, got ", steps);
+    set_matmul_precision(parse_matmul_precision(matmul_precision));
     const auto info = io::read_checkpoint_info(checkpoint);
     const run_config r = run_config::from_json(info.config, checkpoint);
     r.validate();

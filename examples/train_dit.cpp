@@ -30,6 +30,7 @@ struct cli_options {
   index_t steps = 3000;
   std::string data = io::fashion_mnist_default_dir();
   std::string device = default_device;
+  std::string matmul_precision = "highest";
   std::string out = "out";
   index_t sample_every = 1000;
   index_t checkpoint_every = 500;
@@ -438,6 +439,10 @@ int main(int argc, char** argv) {
                  "where to train: cpu, thrust (the build's Thrust device system: the GPU on a CUDA build, else OpenMP) "
                  "or cuda (CUDA builds)")
       ->capture_default_str();
+  cli.add_option("--matmul-precision", o.matmul_precision,
+                 "float32 GEMMs: highest (float32 operands) or bf16 (operands rounded to bfloat16, float32 "
+                 "accumulation; tensor cores on a GPU); weights, optimizer and every other op stay float32")
+      ->capture_default_str();
   cli.add_option("--objective", r.objective, "flow (rectified flow) or ddpm")->capture_default_str();
   cli.add_option("--experts", r.experts, "routed experts per MoE block")->capture_default_str();
   cli.add_option("--steps", o.steps, "training steps")->capture_default_str();
@@ -471,6 +476,7 @@ int main(int argc, char** argv) {
     PROMOE_CHECK(o.steps >= 1 && o.sample_every >= 1 && o.checkpoint_every >= 1 && o.log_every >= 0,
                  "--steps, --sample-every and --checkpoint-every must be >= 1, --log-every >= 0");
     PROMOE_CHECK(!(o.resume && o.overwrite), "--resume and --overwrite exclude each other");
+    set_matmul_precision(parse_matmul_precision(o.matmul_precision));
     const auto data = training_data::load(o.data, dit::preset(r.preset));
     with_model_type(r, o.device, [&]<class Model>() {
       trainer<Model> t(o, data);

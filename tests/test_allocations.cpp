@@ -114,6 +114,33 @@ TEST_CASE("allocations: a training step of each MoE layer kind allocates nothing
   }
 }
 
+TEST_CASE("allocations: GEMMs of changing shapes allocate nothing once the threads' buffers exist",
+          "[alloc][gemm]") {
+  // Routing changes the row counts of the experts' GEMMs from step to step (and with them
+  // which ones are small enough for Eigen's kernel beside OpenBLAS): the buffers must not
+  // depend on the shapes a first step happened to bring.
+  const index_t most = 300;
+  const auto a = random_tensor({most, most}, 11), b = random_tensor({most, most}, 12);
+  tensor<T, B> c({most, most});
+  for (const matmul_precision precision : {matmul_precision::highest, matmul_precision::bf16}) {
+    CAPTURE(to_string(precision));
+    matmul_precision_scope scope(precision);
+    auto gemm = [&](index_t m, index_t n, index_t k, transpose ta, transpose tb) {
+      backend_traits<B>::gemm(ta, tb, m, n, k, T(1), a.data(), most, b.data(), most, T(0), c.data(), most);
+    };
+    gemm(2, 3, 4, transpose::no, transpose::no);  // the first GEMM makes the buffers
+    REQUIRE(heap::available());
+    const std::int64_t made = allocations_in([&] {
+      for (std::uint64_t i = 0; i < 300; ++i) {
+        const auto dim = [&](std::uint64_t stream) { return 1 + static_cast<index_t>(rng::uniform(9, stream, i) * most); };
+        gemm(dim(1) % most + 1, dim(2) % most + 1, dim(3) % most + 1, i % 2 ? transpose::yes : transpose::no,
+             i % 3 ? transpose::no : transpose::yes);
+      }
+    });
+    CHECK(made == 0);
+  }
+}
+
 TEST_CASE("allocations: a whole DiT training step allocates nothing once sized", "[alloc][dit]") {
   using moe = promoe_layer<B, T>;
   using model_t = dit::dit_model<B, T, moe>;
@@ -155,4 +182,10 @@ TEST_CASE("allocations: a whole DiT training step allocates nothing once sized",
   std::int64_t later = 0;
   for (int i = 0; i < 8; ++i) later += allocations_in(train_step);
   CHECK(later == 0);
+  // bf16 GEMMs round their operands into per-thread buffers: sized by one step, then reused.
+  matmul_precision_scope bf16(matmul_precision::bf16);
+  train_step();
+  std::int64_t bf16_later = 0;
+  for (int i = 0; i < 3; ++i) bf16_later += allocations_in(train_step);
+  CHECK(bf16_later == 0);
 }

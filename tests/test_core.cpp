@@ -5,6 +5,7 @@
 /// parallel_for, fill, copy, sum, first_non_finite) against naive float64 loops.
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -268,10 +269,13 @@ std::vector<T> padded_matrix(index_t rows, index_t cols, index_t ld, std::uint64
   return m;
 }
 
-/// Runs one gemm on backend B and compares it (and C's padding) with a float64 loop.
+/// Runs one gemm on backend B and compares it (and C's padding) with a float64 loop. With
+/// `bf16` the GEMM runs under matmul_precision::bf16 and the loop multiplies the operands
+/// rounded to bf16; the return value is then the error against the loop on unrounded
+/// operands (which a GEMM that did not round would meet).
 template <class B, class T>
-void check_gemm(transpose ta, transpose tb, index_t m, index_t n, index_t k, double alpha, double beta,
-                std::uint64_t seed) {
+double check_gemm(transpose ta, transpose tb, index_t m, index_t n, index_t k, double alpha, double beta,
+                  std::uint64_t seed, bool bf16 = false) {
   const T nan = std::numeric_limits<T>::quiet_NaN();
   const bool at = ta == transpose::yes, bt = tb == transpose::yes;
   const index_t ar = at ? k : m, ac = at ? m : k, br = bt ? n : k, bc = bt ? k : n;
@@ -288,33 +292,46 @@ void check_gemm(transpose ta, transpose tb, index_t m, index_t n, index_t k, dou
   auto da = to_device<B>(ha, {static_cast<index_t>(ha.size())});
   auto db = to_device<B>(hb, {static_cast<index_t>(hb.size())});
   auto dc = to_device<B>(hc, {static_cast<index_t>(hc.size())});
-  promoe::backend_traits<B>::gemm(ta, tb, m, n, k, T(alpha), da.data(), lda, db.data(), ldb, T(beta), dc.data(), ldc);
+  {
+    promoe::matmul_precision_scope precision(bf16 ? promoe::matmul_precision::bf16 : promoe::matmul_precision::highest);
+    promoe::backend_traits<B>::gemm(ta, tb, m, n, k, T(alpha), da.data(), lda, db.data(), ldb, T(beta), dc.data(),
+                                    ldc);
+  }
   const auto got = dc.to_host();
+  // float64 GEMMs never round (matmul_precision is about float32 GEMMs).
+  const bool rounds = bf16 && std::is_same_v<T, float>;
+  const auto operand = [&](T v) {
+    return rounds ? static_cast<double>(promoe::round_to_bf16(static_cast<float>(v))) : static_cast<double>(v);
+  };
 
-  double worst = 0;
+  double worst = 0, worst_unrounded = 0;
   bool pad_ok = true;
   for (index_t i = 0; i < m; ++i) {
     for (index_t j = 0; j < n; ++j) {
-      double acc = 0, mag = 0;
+      double acc = 0, acc_unrounded = 0, mag = 0;
       for (index_t p = 0; p < k; ++p) {
-        const double av = at ? ha[p * lda + i] : ha[i * lda + p];
-        const double bv = bt ? hb[j * ldb + p] : hb[p * ldb + j];
-        acc += av * bv;
-        mag += std::abs(av * bv);
+        const T av = at ? ha[p * lda + i] : ha[i * lda + p];
+        const T bv = bt ? hb[j * ldb + p] : hb[p * ldb + j];
+        acc += operand(av) * operand(bv);
+        acc_unrounded += static_cast<double>(av) * static_cast<double>(bv);
+        mag += std::abs(static_cast<double>(av) * static_cast<double>(bv));
       }
       const double c0 = beta == 0 ? 0.0 : static_cast<double>(hc[i * ldc + j]);
-      const double ref = alpha * acc + beta * c0;
       const double scale = std::max(1.0, std::abs(alpha) * mag + std::abs(beta * c0));
       const double g = static_cast<double>(got[i * ldc + j]);
-      const double err = std::isfinite(g) ? std::abs(g - ref) / scale : std::numeric_limits<double>::infinity();
-      worst = std::max(worst, err);
+      const auto error = [&](double sum) {
+        return std::isfinite(g) ? std::abs(g - (alpha * sum + beta * c0)) / scale : std::numeric_limits<double>::infinity();
+      };
+      worst = std::max(worst, error(acc));
+      worst_unrounded = std::max(worst_unrounded, error(acc_unrounded));
     }
     for (index_t j = n; j < ldc; ++j) pad_ok = pad_ok && got[i * ldc + j] == c_pad;
   }
   INFO(promoe::backend_traits<B>::name << " gemm ta=" << at << " tb=" << bt << " m=" << m << " n=" << n << " k=" << k
-                                       << " alpha=" << alpha << " beta=" << beta);
+                                       << " alpha=" << alpha << " beta=" << beta << " bf16=" << bf16);
   CHECK(worst <= promoe_test::tolerance<T>());
   CHECK(pad_ok);
+  return worst_unrounded;
 }
 
 }  // namespace
@@ -345,6 +362,62 @@ TEMPLATE_LIST_TEST_CASE("gemm: shapes beyond one cache block, split over threads
     for (transpose tb : {transpose::no, transpose::yes})
       for (const auto& s : shapes)
         for (double beta : {0.0, -0.5}) check_gemm<B, T>(ta, tb, s[0], s[1], s[2], 0.75, beta, seed++);
+}
+
+TEMPLATE_LIST_TEST_CASE("gemm under matmul_precision::bf16: float operands rounded to bf16, float accumulation",
+                        "[core][backend][gemm][bf16]", test_configs) {
+  using B = typename TestType::backend;
+  using T = typename TestType::scalar;
+  // (m, n, k): small ones (and matrix-vector products), and shapes split over threads and
+  // above the size where the host GEMM hands blocks to OpenBLAS.
+  const index_t shapes[][3] = {{7, 19, 3}, {1, 33, 20}, {25, 1, 40}, {301, 257, 700}, {5, 1500, 333}};
+  std::uint64_t seed = 9000;
+  double least_unrounded = std::numeric_limits<double>::infinity();
+  for (transpose ta : {transpose::no, transpose::yes})
+    for (transpose tb : {transpose::no, transpose::yes})
+      for (const auto& s : shapes)
+        for (double beta : {0.0, 0.5})
+          least_unrounded = std::min(least_unrounded, check_gemm<B, T>(ta, tb, s[0], s[1], s[2], 1.25, beta, seed++, true));
+  if constexpr (std::is_same_v<T, float>) {
+    CHECK(least_unrounded > 1e-4);  // every product really was rounded: bf16 keeps 8 bits
+  } else {
+    CHECK(least_unrounded <= promoe_test::tolerance<T>());  // float64 GEMMs never round
+  }
+}
+
+TEST_CASE("round_to_bf16: nearest bf16, ties to even; NaN, infinities and overflow", "[core][bf16]") {
+  using promoe::round_to_bf16;
+  const float one = 1.0f, step = std::ldexp(1.0f, -7);  // bf16's spacing in [1, 2)
+  CHECK(round_to_bf16(one) == one);
+  CHECK(round_to_bf16(one + step / 2) == one);                      // tie: to the even 1.0
+  CHECK(round_to_bf16(one + 3 * step / 2) == one + 2 * step);       // tie: to the even 1 + 2 step
+  CHECK(round_to_bf16(one + step / 2 + std::ldexp(1.0f, -20)) == one + step);
+  CHECK(round_to_bf16(-one - step / 4) == -one);
+  CHECK(round_to_bf16(std::numeric_limits<float>::infinity()) == std::numeric_limits<float>::infinity());
+  CHECK(round_to_bf16(-std::numeric_limits<float>::infinity()) == -std::numeric_limits<float>::infinity());
+  CHECK(std::isnan(round_to_bf16(std::numeric_limits<float>::quiet_NaN())));
+  CHECK(std::isnan(round_to_bf16(std::numeric_limits<float>::signaling_NaN())));
+  CHECK(round_to_bf16(std::numeric_limits<float>::max()) == std::numeric_limits<float>::infinity());
+  CHECK(round_to_bf16(0.0f) == 0.0f);
+  const auto v = random_vector<float>(10000, 77, 1000.0);
+  for (float x : v) {
+    const float r = round_to_bf16(x);
+    CHECK((std::bit_cast<std::uint32_t>(r) & 0xffffu) == 0u);  // a bf16 value
+    CHECK(std::abs(r - x) <= std::ldexp(std::abs(x), -8));     // within half a bf16 step
+  }
+}
+
+TEST_CASE("matmul precision: names, and a scope restores the previous setting", "[core][bf16]") {
+  using promoe::matmul_precision;
+  CHECK(promoe::parse_matmul_precision("bf16") == matmul_precision::bf16);
+  CHECK(promoe::parse_matmul_precision("highest") == matmul_precision::highest);
+  REQUIRE_THROWS_WITH(promoe::parse_matmul_precision("fp8"), Catch::Contains("'fp8'") && Catch::Contains("bf16"));
+  REQUIRE(promoe::get_matmul_precision() == matmul_precision::highest);
+  {
+    promoe::matmul_precision_scope scope(matmul_precision::bf16);
+    CHECK(promoe::get_matmul_precision() == matmul_precision::bf16);
+  }
+  CHECK(promoe::get_matmul_precision() == matmul_precision::highest);
 }
 
 TEST_CASE("gemm: the host kernel is OpenBLAS's where it has one for the CPU, else Eigen's; PROMOE_GEMM decides",

@@ -7,6 +7,7 @@
 #include "backend/cpu.hpp"
 #include "core/config.hpp"
 #include "core/error.hpp"
+#include "core/precision.hpp"
 #include "core/rng.hpp"
 #include "expert/activation.hpp"
 #include "expert/mlp.hpp"

@@ -57,6 +57,23 @@ struct backend_traits<backend::cpu> {
     for (index_t i = 0; i < n; ++i) f(i);
   }
 
+  /// piece(first, length) over [0, n) in pieces of 2^16 elements, split over the threads when
+  /// there are several pieces: copies and fills of large buffers (gradient zeroing,
+  /// workspaces) on one thread would leave the others idle.
+  template <class F>
+  static void in_pieces(index_t n, F piece) {
+    constexpr index_t size = index_t{1} << 16;
+    const index_t pieces = (n + size - 1) / size;
+#if defined(_OPENMP)
+    if (pieces > 1 && !omp_in_parallel() && omp_get_max_threads() > 1) {
+#pragma omp parallel for schedule(static)
+      for (index_t i = 0; i < pieces; ++i) piece(i * size, std::min(size, n - i * size));
+      return;
+    }
+#endif
+    for (index_t i = 0; i < pieces; ++i) piece(i * size, std::min(size, n - i * size));
+  }
+
   /// task(i) for every i in [0, n), spread over the threads (dynamic schedule, so list the
   /// largest tasks first). Inside a task everything runs on its thread: Eigen's GEMM and
   /// parallel_for see the enclosing parallel region and stay serial. The first exception a
@@ -115,11 +132,11 @@ struct backend_traits<backend::cpu> {
   }
   template <class T>
   static void copy(const T* src, index_t n, T* dst) {
-    if (n > 0) std::memcpy(dst, src, sizeof(T) * n);
+    in_pieces(n, [=](index_t first, index_t len) { std::memcpy(dst + first, src + first, sizeof(T) * len); });
   }
   template <class T>
   static void fill(T* p, index_t n, T value) {
-    std::fill(p, p + n, value);
+    in_pieces(n, [=](index_t first, index_t len) { std::fill(p + first, p + first + len, value); });
   }
   /// Sum in index order, accumulated in double (deterministic).
   template <class T>

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 /// \file cublas_gemm.hpp
 /// \brief Row-major GEMM on device pointers through cuBLAS (the Thrust backend's GEMM under
-/// the CUDA device system). Needs <cublas_v2.h> and linking with cuBLAS (CUDA::cublas).
+/// the CUDA device system), float32 GEMMs on bf16 tensor cores under matmul_precision::bf16.
+/// Needs <cublas_v2.h> and linking with cuBLAS (CUDA::cublas).
 #pragma once
 
 #include <cublas_v2.h>
@@ -9,6 +10,7 @@
 #include <type_traits>
 
 #include "../core/error.hpp"
+#include "../core/precision.hpp"
 #include "backend.hpp"
 
 namespace promoe::detail {
@@ -57,6 +59,14 @@ void cublas_gemm(transpose ta, transpose tb, index_t m, index_t n, index_t k, T 
                "cuBLAS: GEMM dimensions beyond 32-bit (m ", m, ", n ", n, ", k ", k, ")");
   cublasHandle_t h = cublas_handle();
   if constexpr (std::is_same_v<T, float>) {
+    if (get_matmul_precision() == matmul_precision::bf16) {
+      // bf16 tensor cores: operands converted to bf16, float32 accumulation and output.
+      cublas_check(cublasGemmEx(h, opb, opa, i32(n), i32(m), i32(k), &alpha, b, CUDA_R_32F, i32(ldb), a, CUDA_R_32F,
+                                i32(lda), &beta, c, CUDA_R_32F, i32(ldc), CUBLAS_COMPUTE_32F_FAST_16BF,
+                                CUBLAS_GEMM_DEFAULT),
+                   "cublasGemmEx (bf16)", m, n, k);
+      return;
+    }
     cublas_check(cublasSgemm(h, opb, opa, i32(n), i32(m), i32(k), &alpha, b, i32(ldb), a, i32(lda), &beta, c, i32(ldc)),
                  "cublasSgemm", m, n, k);
   } else {

@@ -17,6 +17,7 @@
 #include <cstddef>
 #include <mutex>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -24,24 +25,39 @@
 #include <omp.h>
 #endif
 
+#include "../core/precision.hpp"
 #include "backend.hpp"
 #include "openblas.hpp"
 
 namespace promoe::detail {
 
-/// The packing buffers of the threads that run GEMMs. Each thread packs into its own pair of
-/// buffers; when one thread needs larger buffers, every thread's pair is raised to the new
-/// high-water mark (a replacement is allocated for the others and swapped in at their next
-/// GEMM), and the OpenMP team's threads are given their pair up front. So once one training
-/// step has run every GEMM shape, no thread allocates again, whichever thread the task
-/// scheduler hands a shape to in later steps.
-template <class T>
-class gemm_packing_pool {
+/// What a pair of per-thread GEMM buffers holds.
+enum class gemm_buffer_use {
+  packing,          ///< Eigen's packed panels of A and B
+  rounded_operands  ///< copies of A and B rounded to bf16 (matmul_precision::bf16)
+};
+
+/// Per-thread buffer pairs of the threads that run GEMMs, one pool per use. Each thread works
+/// in its own pair; when one thread needs larger buffers, every thread's pair is raised to the
+/// new high-water mark (a replacement is allocated for the others and swapped in at their
+/// next GEMM), and the OpenMP team's threads are given their pair up front. So once one
+/// training step has run every GEMM shape, no thread allocates again, whichever thread the
+/// task scheduler hands a shape to in later steps.
+template <class T, gemm_buffer_use Use>
+class gemm_thread_buffers {
  public:
   using buffer = std::vector<T, Eigen::aligned_allocator<T>>;
 
   /// The calling thread's buffers, at least `size_a` and `size_b` elements long.
   static std::pair<T*, T*> acquire(Eigen::Index size_a, Eigen::Index size_b) {
+    if constexpr (Use == gemm_buffer_use::packing) {
+      // Never less than any product of at most 2^20 multiply-adds can ask for (Eigen packs at
+      // most kc x (n rounded up to its 48-row panels) <= 2^20 + 624 * 47 and kc x nc <= 2^18
+      // elements for them): whichever small shapes later steps send to Eigen's kernel beside
+      // OpenBLAS (they change with the routing), they fit.
+      size_a = std::max<Eigen::Index>(size_a, Eigen::Index{9} << 17);
+      size_b = std::max<Eigen::Index>(size_b, Eigen::Index{1} << 18);
+    }
     register_team();
     slot& s = this_thread_slot();
     if (s.has_pending.load(std::memory_order_acquire)) {
@@ -132,7 +148,7 @@ class workspace_blocking : public Eigen::internal::level3_blocking<T, T> {
     this->m_kc = depth;
     Eigen::internal::computeProductBlockingSizes<T, T, 1, Eigen::Index>(this->m_kc, this->m_mc, this->m_nc, 1);
     std::tie(this->m_blockA, this->m_blockB) =
-        gemm_packing_pool<T>::acquire(this->m_kc * this->m_mc, this->m_kc * this->m_nc);
+        gemm_thread_buffers<T, gemm_buffer_use::packing>::acquire(this->m_kc * this->m_mc, this->m_kc * this->m_nc);
   }
 };
 
@@ -149,11 +165,11 @@ void scale_block(index_t m, index_t n, T beta, T* c, index_t ldc) {
   }
 }
 
-/// C[m, n] = alpha * op(A) * op(B) + beta * C on one thread; A, B, C row-major with leading
-/// dimensions.
+/// C[m, n] = alpha * op(A) * op(B) + beta * C on one thread through OpenBLAS or Eigen; A, B,
+/// C row-major with leading dimensions.
 template <class T, transpose TA, transpose TB>
-void host_gemm_sequential(index_t m, index_t n, index_t k, T alpha, const T* a, index_t lda, const T* b,
-                          index_t ldb, T beta, T* c, index_t ldc) {
+void host_gemm_block(index_t m, index_t n, index_t k, T alpha, const T* a, index_t lda, const T* b, index_t ldb,
+                     T beta, T* c, index_t ldc) {
   if (openblas_gemm<T>(TA, TB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)) return;
   scale_block(m, n, beta, c, ldc);
   constexpr int a_order = TA == transpose::no ? Eigen::RowMajor : Eigen::ColMajor;
@@ -163,6 +179,53 @@ void host_gemm_sequential(index_t m, index_t n, index_t k, T alpha, const T* a, 
   // A row-major C is computed as the column-major C^T = op(B)^T op(A)^T: rows n, cols m.
   workspace_blocking<T> blocking(n, m, k);
   product::run(m, n, k, a, lda, b, ldb, c, 1, ldc, alpha, blocking, nullptr);
+}
+
+/// dst[rows, cols] (dense) = op(src) rounded to bf16, where op(src)[r, j] is src[r * ld + j]
+/// (or src[j * ld + r] when transposed).
+template <transpose TS>
+void copy_rounded_to_bf16(const float* src, index_t ld, index_t rows, index_t cols, float* dst) {
+  for (index_t r = 0; r < rows; ++r)
+    for (index_t j = 0; j < cols; ++j)
+      dst[r * cols + j] = round_to_bf16(TS == transpose::no ? src[r * ld + j] : src[j * ld + r]);
+}
+
+/// The float GEMM under matmul_precision::bf16 on one thread: C is computed in panels of
+/// rows x columns x depth, each from copies of op(A) and op(B) rounded to bf16. The panels
+/// have fixed sizes, so the thread's buffers are the same for every shape (no allocation
+/// when later steps bring other shapes).
+template <transpose TA, transpose TB>
+void host_gemm_bf16(index_t m, index_t n, index_t k, float alpha, const float* a, index_t lda, const float* b,
+                    index_t ldb, float beta, float* c, index_t ldc) {
+  constexpr index_t rows = 256, cols = 1024, depth = 256;
+  const auto [ra, rb] = gemm_thread_buffers<float, gemm_buffer_use::rounded_operands>::acquire(rows * depth, depth * cols);
+  for (index_t i0 = 0; i0 < m; i0 += rows) {
+    const index_t mi = std::min(rows, m - i0);
+    for (index_t j0 = 0; j0 < n; j0 += cols) {
+      const index_t nj = std::min(cols, n - j0);
+      for (index_t p0 = 0; p0 < k; p0 += depth) {
+        const index_t kp = std::min(depth, k - p0);
+        copy_rounded_to_bf16<TA>(TA == transpose::no ? a + i0 * lda + p0 : a + p0 * lda + i0, lda, mi, kp, ra);
+        copy_rounded_to_bf16<TB>(TB == transpose::no ? b + p0 * ldb + j0 : b + j0 * ldb + p0, ldb, kp, nj, rb);
+        host_gemm_block<float, transpose::no, transpose::no>(mi, nj, kp, alpha, ra, kp, rb, nj, p0 == 0 ? beta : 1.0f,
+                                                             c + i0 * ldc + j0, ldc);
+      }
+    }
+  }
+}
+
+/// C[m, n] = alpha * op(A) * op(B) + beta * C on one thread; A, B, C row-major with leading
+/// dimensions (float GEMMs under matmul_precision::bf16 through host_gemm_bf16).
+template <class T, transpose TA, transpose TB>
+void host_gemm_sequential(index_t m, index_t n, index_t k, T alpha, const T* a, index_t lda, const T* b,
+                          index_t ldb, T beta, T* c, index_t ldc) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (get_matmul_precision() == matmul_precision::bf16) {
+      host_gemm_bf16<TA, TB>(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+      return;
+    }
+  }
+  host_gemm_block<T, TA, TB>(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
 /// C[m, n] = alpha * op(A) * op(B) + beta * C, split over the OpenMP threads by rows of C (or
@@ -215,8 +278,14 @@ void host_gemm(transpose ta, transpose tb, index_t m, index_t n, index_t k, T al
   using mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   using map = Eigen::Map<mat, Eigen::Unaligned, Eigen::OuterStride<>>;
   if (m == 0 || n == 0) return;
-  // Matrix-vector products stay with Eigen's GEMV below: it packs nothing.
-  if (m > 1 && n > 1 && k > 0 && alpha != T(0)) {
+  // Matrix-vector products stay with Eigen's GEMV below (it packs nothing), except under bf16
+  // precision, which rounds the operands on the way in.
+  const bool rounds = std::is_same_v<T, float> && get_matmul_precision() == matmul_precision::bf16;
+  if ((m > 1 && n > 1) || rounds) {
+    if (k == 0 || alpha == T(0)) {
+      scale_block(m, n, beta, c, ldc);
+      return;
+    }
     if (ta == transpose::no && tb == transpose::no) {
       host_gemm_split<T, transpose::no, transpose::no>(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     } else if (ta == transpose::no) {
