@@ -89,6 +89,27 @@ struct apply_rows_functor {
   }
 };
 
+/// h[r, :] += bias, then out[r, :] = Act(h[r, :]) for one row: a layer's bias and its
+/// activation in one pass over the pre-activation a GEMM has just written (with beta 0),
+/// instead of writing the bias first and activating after the GEMM.
+template <class Act, class T>
+struct bias_apply_rows_functor {
+  T* h;  // [rows, cols], leading dimension ldh: in, GEMM output; out, GEMM output + bias
+  index_t ldh;
+  const T* bias;  // [cols]
+  T* out;         // [rows, cols], leading dimension ldo
+  index_t ldo, cols;
+  PROMOE_HOST_DEVICE void operator()(index_t r) const {
+    T* hr = h + r * ldh;
+    T* o = out + r * ldo;
+    for (index_t j = 0; j < cols; ++j) {
+      const T v = hr[j] + bias[j];
+      hr[j] = v;
+      o[j] = Act::value(v);
+    }
+  }
+};
+
 /// dx[r, :] (+)= dy[r, :] * Act'(x[r, :]) for one row; dx may be dy (then accumulate is false).
 template <class Act, class T>
 struct backward_rows_functor {

@@ -61,9 +61,8 @@ struct mlp {
       if (x.rows == 0) return;
       auto h = act.col_block(0, hidden_);
       auto a = act.col_block(hidden_, hidden_);
-      ops::broadcast_row<B>(h, b1(e), false);
-      ops::gemm<B, T>(x, transpose::no, const_matrix_view<T>{w1(e), hidden_, dim_}, transpose::yes, h, T(1), T(1));
-      traits::parallel_for(x.rows, act::apply_rows_functor<Act, T>{h.data, h.ld, a.data, a.ld, hidden_});
+      ops::gemm<B, T>(x, transpose::no, const_matrix_view<T>{w1(e), hidden_, dim_}, transpose::yes, h);
+      traits::parallel_for(x.rows, act::bias_apply_rows_functor<Act, T>{h.data, h.ld, b1(e), a.data, a.ld, hidden_});
       ops::broadcast_row<B>(y, b2(e), accumulate);
       ops::gemm<B, T>(a, transpose::no, const_matrix_view<T>{w2(e), dim_, hidden_}, transpose::yes, y, T(1), T(1));
     }

@@ -89,9 +89,8 @@ struct expert_race {
       const index_t n = in.x.rows, d = layout_.dim, e = layout_.routed;
       for (auto* t : {&c.h, &c.a}) t->resize({n, d});
       c.logits.resize({n, e});
-      ops::broadcast_row<B>(c.h.matrix(), b1_.data(), false);
-      ops::gemm<B, T>(in.x, transpose::no, w1_.cmatrix(), transpose::yes, c.h.matrix(), T(1), T(1));
-      traits::parallel_for(n, act::apply_rows_functor<act::gelu, T>{c.h.data(), d, c.a.data(), d, d});
+      ops::gemm<B, T>(in.x, transpose::no, w1_.cmatrix(), transpose::yes, c.h.matrix());
+      traits::parallel_for(n, act::bias_apply_rows_functor<act::gelu, T>{c.h.data(), d, b1_.data(), c.a.data(), d, d});
       ops::broadcast_row<B>(c.logits.matrix(), b2_.data(), false);
       ops::gemm<B, T>(c.a.cmatrix(), transpose::no, w2_.cmatrix(), transpose::yes, c.logits.matrix(), T(1), T(1));
       c.logits.to_host(c.host_logits);
