@@ -4,9 +4,13 @@
 # and joins the two by case name into DIR/<hostname>-<YYYY-MM-DD>.json; prints a markdown table.
 #
 #   scripts/bench.sh [--quick] [--out DIR]
-#     --quick    MoE layers at 1024 tokens only, 3 timed runs per case (default: 1024, 4096,
-#                16384 tokens, 5 runs)
+#     --quick    MoE layers at 1024 tokens only, 3 timed runs per case, one round (default:
+#                1024, 4096, 16384 tokens, 5 runs, two rounds)
 #     --out DIR  where the results file goes (default: bench/results)
+#
+# A round runs promoe_bench, then torch_bench.py; with two rounds each case keeps each side's
+# faster round (merge_results.py): on a shared machine the speed drifts by up to 25 % from one
+# minute to the next, and alternating the sides gives both the same chance of a good minute.
 #
 # PyTorch runs only when /usr/bin/python3 can import torch. Its GEMMs go to Debian's OpenBLAS,
 # which does not know newer CPUs and falls back to its slow Prescott kernel there; on an
@@ -42,8 +46,10 @@ while (($# > 0)); do
 done
 
 bench_args=()
+rounds=2
 if ((quick)); then
   bench_args=(--tokens 1024 --reps 3)
+  rounds=1
 fi
 
 promoe_ensure_deps
@@ -61,10 +67,16 @@ mkdir -p "$out_dir"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
-echo "== promoe_bench ${bench_args[*]}"
-"$PROMOE_BUILD_DIR/bench/promoe_bench" "${bench_args[@]}" --json "$work/promoe.json"
+merge_args=()
+# promoe runs in the same environment every round, whatever the PyTorch runs export.
+run_promoe() {
+  echo "== promoe_bench ${bench_args[*]} (round $1 of $rounds)"
+  env -u OMP_WAIT_POLICY -u OPENBLAS_NUM_THREADS -u OPENBLAS_CORETYPE \
+    "$PROMOE_BUILD_DIR/bench/promoe_bench" "${bench_args[@]}" --json "$work/promoe-$1.json"
+  merge_args+=(--promoe "$work/promoe-$1.json")
+}
+run_promoe 1
 
-merge_args=(--promoe "$work/promoe.json")
 # The kernel OpenBLAS picks under the current environment, from the library torch loads.
 openblas_core() {
   local core
@@ -95,14 +107,18 @@ if [[ "$python" == /usr/bin/python3 ]] && "$python" -c 'import torch' >/dev/null
   fi
   core="$installed_core"
   [[ "$core_source" == "set by bench.sh"* ]] && core="$(openblas_core)"
-  echo "== torch_bench: OpenBLAS kernel $core (${core_source})"
   merge_args+=(--openblas-core "$core")
-  if "$python" "$repo/bench/torch_bench.py" --threads 2 "${bench_args[@]}" --out "$work/torch.json"; then
-    merge_args+=(--torch "$work/torch.json")
-  else
-    torch_status=$?
-    echo "bench.sh: torch_bench.py failed (exit $torch_status); the results hold promoe only" >&2
-  fi
+  for ((round = 1; round <= rounds; ++round)); do
+    ((round == 1)) || run_promoe "$round"
+    echo "== torch_bench: OpenBLAS kernel $core (${core_source}) (round $round of $rounds)"
+    if "$python" "$repo/bench/torch_bench.py" --threads 2 "${bench_args[@]}" --out "$work/torch-$round.json"; then
+      merge_args+=(--torch "$work/torch-$round.json")
+    else
+      torch_status=$?
+      echo "bench.sh: torch_bench.py failed (exit $torch_status); the results hold promoe only" >&2
+      break
+    fi
+  done
   # When this script chose the kernel, PyTorch also runs as installed (OpenBLAS's own choice),
   # on the MoE layers, DiT steps and GEMMs.
   if [[ "$core_source" == "set by bench.sh"* && "$torch_status" == 0 ]]; then
@@ -118,6 +134,7 @@ if [[ "$python" == /usr/bin/python3 ]] && "$python" -c 'import torch' >/dev/null
   fi
 else
   echo "== $python cannot import torch: running promoe_bench only (install python3-torch for the comparison)"
+  for ((round = 2; round <= rounds; ++round)); do run_promoe "$round"; done
 fi
 
 host="$(uname -n)"
