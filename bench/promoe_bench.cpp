@@ -193,9 +193,12 @@ class report {
 // ------------------------------------------------------------------------------- inputs
 /// n values ~ N(0, 1), a function of the stream.
 /// Into v (resized; no allocation once it has the capacity, so a timed step counts only promoe's).
+/// Split over the threads, as torch.randn is (each value is a function of its index).
 void fill_normal(std::vector<T>& v, index_t n, std::uint64_t stream) {
   v.resize(static_cast<std::size_t>(n));
-  for (index_t i = 0; i < n; ++i) v[i] = static_cast<T>(rng::normal(seed, stream, static_cast<std::uint64_t>(i)));
+  T* out = v.data();
+  backend_traits<backend::cpu>::parallel_for(
+      n, [=](index_t i) { out[i] = static_cast<T>(rng::normal(seed, stream, static_cast<std::uint64_t>(i))); });
 }
 std::vector<T> normal_values(index_t n, std::uint64_t stream) {
   std::vector<T> v;

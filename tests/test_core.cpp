@@ -19,6 +19,7 @@
 #include <catch2/catch.hpp>
 
 #include <promoe/backend/ops.hpp>
+#include <promoe/backend/small_gemm.hpp>
 #include <promoe/backend/tensor.hpp>
 #include <promoe/core/error.hpp>
 #include <promoe/core/fast_math.hpp>
@@ -355,8 +356,10 @@ TEMPLATE_LIST_TEST_CASE("gemm: shapes beyond one cache block, split over threads
   using B = typename TestType::backend;
   using T = typename TestType::scalar;
   // (m, n, k): several row and depth blocks of the packed kernel; few rows and many columns
-  // (the threads split C by columns); many rows and few columns; one of each odd size.
-  const index_t shapes[][3] = {{301, 257, 700}, {5, 1500, 333}, {1200, 40, 650}, {97, 2, 2100}};
+  // (the threads split C by columns); many rows and few columns; one of each odd size; long
+  // GEMVs (split over the threads by columns, or by rows).
+  const index_t shapes[][3] = {{301, 257, 700}, {5, 1500, 333}, {1200, 40, 650}, {97, 2, 2100},
+                               {1, 1500, 400},  {1300, 1, 300}, {1, 37, 5000}};
   std::uint64_t seed = 5000;
   for (transpose ta : {transpose::no, transpose::yes})
     for (transpose tb : {transpose::no, transpose::yes})
@@ -434,6 +437,57 @@ TEST_CASE("gemm: the host kernel is OpenBLAS's where it has one for the CPU, els
   REQUIRE_THROWS_WITH(pick_host_gemm_kernel("mkl", "zen"),
                       Catch::Contains("PROMOE_GEMM=mkl") && Catch::Contains("expected eigen or openblas"));
   REQUIRE_THROWS_WITH(pick_host_gemm_kernel("openblas", ""), Catch::Contains("built without OpenBLAS"));
+}
+
+TEMPLATE_TEST_CASE("small_gemm: op(A) B overwrites C, every tile and tail width, padded leading dimensions",
+                   "[core][gemm]", float, double) {
+  using T = TestType;
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  const T c_pad = T(12345);
+  std::uint64_t seed = 9000;
+  // Row counts around the 4-row tile; column counts around one and two SIMD packets (4, 8,
+  // 16 lanes) and attention's sizes (49 and 64 tokens, head dims 24 and 32).
+  for (transpose ta : {transpose::no, transpose::yes})
+    for (index_t m : {1, 3, 4, 5, 9, 49, 64})
+      for (index_t n : {1, 3, 4, 5, 8, 15, 16, 17, 24, 31, 32, 33, 49, 64, 70})
+        for (index_t k : {1, 7, 24, 64}) {
+          const bool at = ta == transpose::yes;
+          const index_t lda = (at ? m : k) + 3, ldb = n + 2, ldc = n + 1;
+          // NaN in the padding of A and B and in C: any read outside op(A), B or of C's old
+          // values poisons the result.
+          const auto a = padded_matrix<T>(at ? k : m, at ? m : k, lda, seed++, nan);
+          const auto b = padded_matrix<T>(k, n, ldb, seed++, nan);
+          std::vector<T> c(static_cast<std::size_t>(m * ldc), c_pad);
+          for (index_t i = 0; i < m; ++i)
+            for (index_t j = 0; j < n; ++j) c[i * ldc + j] = nan;
+          const double alpha = -0.625;
+          if (at) {
+            promoe::detail::small_gemm<T, transpose::yes>(m, n, k, T(alpha), a.data(), lda, b.data(), ldb, c.data(), ldc);
+          } else {
+            promoe::detail::small_gemm<T, transpose::no>(m, n, k, T(alpha), a.data(), lda, b.data(), ldb, c.data(), ldc);
+          }
+          double worst = 0;
+          bool pad_ok = true;
+          for (index_t i = 0; i < m; ++i) {
+            for (index_t j = 0; j < n; ++j) {
+              double acc = 0, mag = 0;
+              for (index_t p = 0; p < k; ++p) {
+                const double prod = static_cast<double>(at ? a[p * lda + i] : a[i * lda + p]) *
+                                    static_cast<double>(b[p * ldb + j]);
+                acc += prod;
+                mag += std::abs(prod);
+              }
+              const double g = static_cast<double>(c[i * ldc + j]);
+              const double err = std::isfinite(g) ? std::abs(g - alpha * acc) / std::max(1.0, mag)
+                                                  : std::numeric_limits<double>::infinity();
+              worst = std::max(worst, err);
+            }
+            for (index_t j = n; j < ldc; ++j) pad_ok = pad_ok && c[i * ldc + j] == c_pad;
+          }
+          INFO("ta=" << at << " m=" << m << " n=" << n << " k=" << k);
+          CHECK(worst <= promoe_test::tolerance<T>());
+          CHECK(pad_ok);
+        }
 }
 
 TEMPLATE_LIST_TEST_CASE("gemm: k = 0, alpha = 0 and empty outputs", "[core][backend][gemm]", test_configs) {

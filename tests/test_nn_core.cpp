@@ -549,6 +549,55 @@ TEMPLATE_LIST_TEST_CASE("attention: finite differences", "[nn][attention][gradie
   }
 }
 
+TEMPLATE_LIST_TEST_CASE("attention at DiT sizes: forward against float64, backward by finite differences",
+                        "[nn][attention][gradients]", test_backends) {
+  using B = TestType;
+  // mini-28's and mini-32's heads (49 tokens x 24 dims, 64 x 32): whole SIMD tiles and tails
+  // of the host kernels.
+  for (const attention_sizes as : {attention_sizes{2, 49, 96, 4}, attention_sizes{2, 64, 128, 4}}) {
+    const index_t samples = as.samples, tokens = as.tokens, d = as.dim, heads = as.heads, n = samples * tokens;
+    CAPTURE(samples, tokens, d, heads);
+    nn::attention<double, B> attn(d, heads);
+    init_attention(attn, 90 + d);
+    auto x = to_device<B>(random_vector<double>(static_cast<std::size_t>(n * d), 91 + d, 2.0), {n, d});
+    const hvec w = random_vector<double>(static_cast<std::size_t>(n * d), 92 + d);
+    auto dy = to_device<B>(w, {n, d});
+    tensor<double, B> y({n, d});
+    typename nn::attention<double, B>::cache c;
+    attn.forward(x.cmatrix(), tokens, y.matrix(), c);
+    const hvec ref = ref_attention(x.to_host(), samples, tokens, d, heads, attn.qkv.weight.value.to_host(),
+                                   attn.qkv.bias.value.to_host(), attn.proj.weight.value.to_host(),
+                                   attn.proj.bias.value.to_host());
+    CHECK(relative_error(y.to_host(), ref) < 1e-12);
+
+    const std::function<double()> loss = [&] {
+      typename nn::attention<double, B>::cache cl;
+      attn.forward(x.cmatrix(), tokens, y.matrix(), cl);
+      return dot(w, y.to_host());
+    };
+    attn.zero_grad();
+    tensor<double, B> dx({n, d});
+    dx.fill(0.0);
+    attn.backward(c, x.cmatrix(), dy.cmatrix(), dx.matrix());
+    // 29 indices spread over each tensor (every row of x's first sample is reached).
+    const auto spread = [](index_t size) {
+      std::vector<index_t> idx;
+      for (index_t i = 0; i < 29; ++i) idx.push_back((i * 7919 + 13) % size);
+      return idx;
+    };
+    const auto pick = [](const hvec& g, const std::vector<index_t>& idx) {
+      hvec out;
+      for (index_t i : idx) out.push_back(g[i]);
+      return out;
+    };
+    check_gradient<B>("x", loss, x.data(), spread(n * d), pick(dx.to_host(), spread(n * d)));
+    attn.for_each_parameter("", [&](const named_parameter<double>& p) {
+      const auto idx = spread(p.size());
+      check_gradient<B>(p.name, loss, p.value, idx, pick(host_of<double, B>(p.grad, p.size()), idx));
+    });
+  }
+}
+
 // ===========================================================================
 // errors
 // ===========================================================================

@@ -17,6 +17,7 @@
 #include <Eigen/Core>
 
 #include "backend.hpp"
+#include "host_attention.hpp"
 #include "host_gemm.hpp"
 
 namespace promoe {
@@ -103,6 +104,39 @@ struct backend_traits<backend::cpu> {
   static void gemm(transpose ta, transpose tb, index_t m, index_t n, index_t k, T alpha, const T* a,
                    index_t lda, const T* b, index_t ldb, T beta, T* c, index_t ldc) {
     detail::host_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+
+  /// The core of multi-head self-attention for every (sample, head), one task each through
+  /// the host kernels (host_attention.hpp), in nn::attention's layout: qkv [S * tokens, 3D]
+  /// with columns (q/k/v, head, head_dim), D = heads * hd; probs [S, heads, tokens, tokens]
+  /// (written); out [S * tokens, D] (written): per head P = softmax(scale q k^T), o = P v.
+  template <class T>
+  static void attention_forward(index_t samples, index_t tokens, index_t heads, index_t hd, T scale, const T* qkv,
+                                T* probs, T* out) {
+    const index_t dim = heads * hd, ld = 3 * dim;
+    parallel_tasks(samples * heads, [&](index_t task) {
+      const index_t s = task / heads, h = task % heads;
+      T* kt = detail::gemm_thread_buffers<T, detail::gemm_buffer_use::attention_scratch>::acquire(hd * tokens, 1).first;
+      const T* q = qkv + s * tokens * ld + h * hd;
+      detail::host_attention_head_forward(tokens, hd, scale, q, q + dim, q + 2 * dim, ld, probs + task * tokens * tokens,
+                                          out + s * tokens * dim + h * hd, dim, kt);
+    });
+  }
+  /// Its backward: given the forward's qkv and probs and d_out [S * tokens, D], overwrites
+  /// d_qkv [S * tokens, 3D] (every element).
+  template <class T>
+  static void attention_backward(index_t samples, index_t tokens, index_t heads, index_t hd, T scale, const T* qkv,
+                                 const T* probs, const T* d_out, T* d_qkv) {
+    const index_t dim = heads * hd, ld = 3 * dim;
+    parallel_tasks(samples * heads, [&](index_t task) {
+      const index_t s = task / heads, h = task % heads;
+      const auto [ds, vt] = detail::gemm_thread_buffers<T, detail::gemm_buffer_use::attention_scratch>::acquire(
+          tokens * tokens, hd * tokens);
+      const index_t at = s * tokens * ld + h * hd;
+      detail::host_attention_head_backward(tokens, hd, scale, qkv + at, qkv + at + dim, qkv + at + 2 * dim, ld,
+                                           probs + task * tokens * tokens, d_out + s * tokens * dim + h * hd, dim,
+                                           d_qkv + at, d_qkv + at + dim, d_qkv + at + 2 * dim, ds, vt);
+    });
   }
 
   /// Stable counting sort: order lists the indices i with 0 <= keys[i] < num_keys grouped by

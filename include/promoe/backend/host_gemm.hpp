@@ -34,10 +34,12 @@ namespace promoe::detail {
 /// What a pair of per-thread GEMM buffers holds.
 enum class gemm_buffer_use {
   packing,          ///< Eigen's packed panels of A and B
-  rounded_operands  ///< copies of A and B rounded to bf16 (matmul_precision::bf16)
+  rounded_operands,  ///< copies of A and B rounded to bf16 (matmul_precision::bf16)
+  attention_scratch  ///< one attention head's transposed k or v and its score gradients
 };
 
-/// Per-thread buffer pairs of the threads that run GEMMs, one pool per use. Each thread works
+/// Per-thread buffer pairs of the threads that run GEMMs (and the host attention kernels),
+/// one pool per use. Each thread works
 /// in its own pair; when one thread needs larger buffers, every thread's pair is raised to the
 /// new high-water mark (a replacement is allocated for the others and swapped in at their
 /// next GEMM), and the OpenMP team's threads are given their pair up front. So once one
@@ -297,6 +299,30 @@ void host_gemm(transpose ta, transpose tb, index_t m, index_t n, index_t k, T al
     }
     return;
   }
+#if defined(_OPENMP)
+  // A long GEMV (a bias gradient: ones^T dY over every token) is split over the threads, by
+  // columns of a row-vector result or rows of a column-vector one; each part runs below.
+  if ((m == 1) != (n == 1) && !omp_in_parallel() && omp_get_max_threads() > 1 &&
+      static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k) >= double{1 << 17}) {
+    const int threads = omp_get_max_threads();
+    const index_t extent = m == 1 ? n : m;
+    const index_t chunk = ((extent + threads - 1) / threads + 15) / 16 * 16;
+#pragma omp parallel for schedule(static, 1)
+    for (int t = 0; t < threads; ++t) {
+      const index_t begin = std::min<index_t>(extent, t * chunk);
+      const index_t len = std::min<index_t>(extent, begin + chunk) - begin;
+      if (len == 0) continue;
+      if (m == 1) {
+        host_gemm(ta, tb, 1, len, k, alpha, a, lda, tb == transpose::no ? b + begin : b + begin * ldb, ldb, beta,
+                  c + begin, ldc);
+      } else {
+        host_gemm(ta, tb, len, 1, k, alpha, ta == transpose::no ? a + begin * lda : a + begin, lda, b, ldb, beta,
+                  c + begin * ldc, ldc);
+      }
+    }
+    return;
+  }
+#endif
   scale_block(m, n, beta, c, ldc);
   if (k == 0 || alpha == T(0)) return;
   map C(c, m, n, Eigen::OuterStride<>(ldc));

@@ -7,63 +7,29 @@
 /// and o = P v; heads concatenated in (head, head_dim) order; y = proj(o) with
 /// proj = Linear(D, D) (bias). Attention runs within each sample's `tokens` contiguous rows.
 ///
-/// The per-(sample, head) products are GEMMs on strided views of the qkv rows (ld = 3D), so
-/// q, k and v are never copied out.
+/// Backends with their own attention core (the host: backend_traits::attention_forward, one
+/// fused task per (sample, head)) run it; elsewhere, and under bf16 matmul precision (which
+/// the GEMMs apply), the per-(sample, head) products are backend GEMMs on strided views of the
+/// qkv rows (ld = 3D), so q, k and v are never copied out.
 #pragma once
 
 #include <cmath>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include "../backend/backend.hpp"
 #include "../backend/ops.hpp"
 #include "../backend/tensor.hpp"
+#include "../backend/softmax.hpp"
 #include "../core/error.hpp"
-#include "../core/fast_math.hpp"
+#include "../core/precision.hpp"
 #include "../core/rng.hpp"
 #include "../core/view.hpp"
 #include "linear.hpp"
 
 namespace promoe::nn {
 
-namespace detail {
-
-/// Row r of the scores: in place, p = exp(s - max s) / sum exp(s - max s).
-template <class T>
-struct softmax_rows_functor {
-  T* p;  // [rows, n] contiguous: scores in, probabilities out
-  index_t n;
-
-  PROMOE_HOST_DEVICE void operator()(index_t r) const {
-    T* row = p + r * n;
-    T m = row[0];
-    for (index_t j = 1; j < n; ++j) m = row[j] > m ? row[j] : m;
-    for (index_t j = 0; j < n; ++j) row[j] = fast_exp(row[j] - m);  // vectorises
-    T s = T(0);
-    for (index_t j = 0; j < n; ++j) s += row[j];
-    const T inv = T(1) / s;
-    for (index_t j = 0; j < n; ++j) row[j] *= inv;
-  }
-};
-
-/// Row r, in place: dS = P * (dP - sum_j dP * P) (the softmax backward; the 1/sqrt(head_dim)
-/// of the scores is applied by the GEMMs that consume dS).
-template <class T>
-struct softmax_backward_rows_functor {
-  const T* p;  // [rows, n] probabilities
-  T* g;        // [rows, n] contiguous: dP in, dS out
-  index_t n;
-
-  PROMOE_HOST_DEVICE void operator()(index_t r) const {
-    const T* pr = p + r * n;
-    T* gr = g + r * n;
-    T dot = T(0);
-    for (index_t j = 0; j < n; ++j) dot += gr[j] * pr[j];
-    for (index_t j = 0; j < n; ++j) gr[j] = pr[j] * (gr[j] - dot);
-  }
-};
-
-}  // namespace detail
 
 template <class T, class B>
 class attention {
@@ -79,7 +45,7 @@ class attention {
     // backward scratch
     tensor<T, B> d_out;    ///< [S * tokens, D]
     tensor<T, B> d_qkv;    ///< [S * tokens, 3D]
-    tensor<T, B> d_probs;  ///< [S, heads, tokens, tokens]: dP, then dS
+    tensor<T, B> d_probs;  ///< [S, heads, tokens, tokens]: dP, then dS (backend GEMM path only)
     tensor<T, B> ones;     ///< [S * tokens] ones for the bias gradients
   };
 
@@ -125,12 +91,20 @@ class attention {
     const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(hd)));
     const const_matrix_view<T> qkv_m = c.qkv.cmatrix();
     const matrix_view<T> out = c.out.matrix();
+    if constexpr (backend_core_) {
+      if (!rounds_to_bf16_()) {
+        backend_traits<B>::attention_forward(s_count, tokens, heads_, hd, scale, c.qkv.data(), c.probs.data(),
+                                             c.out.data());
+        proj.forward(c.out.cmatrix(), y);
+        return;
+      }
+    }
     // One task per (sample, head): its small GEMMs and softmax run on one thread.
     backend_traits<B>::parallel_tasks(s_count * heads_, [&](index_t task) {
       const index_t s = task / heads_, h = task % heads_;
       const matrix_view<T> p = probs_(c.probs, s, h, tokens);
       ops::gemm<B, T>(q_(qkv_m, s, h, tokens), transpose::no, k_(qkv_m, s, h, tokens), transpose::yes, p, scale, T(0));
-      backend_traits<B>::parallel_for(tokens, detail::softmax_rows_functor<T>{p.data, tokens});
+      backend_traits<B>::parallel_for(tokens, promoe::detail::softmax_rows_functor<T>{p.data, tokens});
       ops::gemm<B, T>(const_matrix_view<T>(p), transpose::no, v_(qkv_m, s, h, tokens), transpose::no,
                       out.row_block(s * tokens, tokens).col_block(h * hd, hd), T(1), T(0));
     });
@@ -156,7 +130,6 @@ class attention {
     c.d_out.resize({n, dim_});
     c.d_out.fill(T(0));
     c.d_qkv.resize({n, ld});
-    c.d_probs.resize({s_count, heads_, tokens, tokens});
 
     // y = o W_p^T + b_p
     proj.backward(c.out.cmatrix(), dy, c.d_out.matrix(), c.ones.data());
@@ -166,6 +139,15 @@ class attention {
     // One task per (sample, head), writing only its own blocks. Every column of d_qkv is
     // written exactly once (dQ, dK, dV of each head), so no zeroing.
     const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(hd)));
+    if constexpr (backend_core_) {
+      if (!rounds_to_bf16_()) {
+        backend_traits<B>::attention_backward(s_count, tokens, heads_, hd, scale, c.qkv.data(), c.probs.data(),
+                                              c.d_out.data(), c.d_qkv.data());
+        qkv.backward(x, c.d_qkv.cmatrix(), dx, c.ones.data());
+        return;
+      }
+    }
+    c.d_probs.resize({s_count, heads_, tokens, tokens});
     backend_traits<B>::parallel_tasks(s_count * heads_, [&](index_t task) {
       const index_t s = task / heads_, h = task % heads_;
       const const_matrix_view<T> d_o = d_out.row_block(s * tokens, tokens).col_block(h * hd, hd);
@@ -175,7 +157,7 @@ class attention {
       ops::gemm<B, T>(p, transpose::yes, d_o, transpose::no, v_(d_qkv, s, h, tokens), T(1), T(0));
       ops::gemm<B, T>(d_o, transpose::no, v_(qkv_m, s, h, tokens), transpose::yes, d_s, T(1), T(0));
       // P = softmax(S): dS = P * (dP - rowsum(dP * P))
-      backend_traits<B>::parallel_for(tokens, detail::softmax_backward_rows_functor<T>{p.data, d_s.data, tokens});
+      backend_traits<B>::parallel_for(tokens, promoe::detail::softmax_backward_rows_functor<T>{p.data, d_s.data, tokens});
       // S = q k^T * scale: dQ = scale dS k, dK = scale dS^T q
       ops::gemm<B, T>(const_matrix_view<T>(d_s), transpose::no, k_(qkv_m, s, h, tokens), transpose::no,
                       q_(d_qkv, s, h, tokens), scale, T(0));
@@ -202,6 +184,16 @@ class attention {
   linear<T, B> proj;  ///< D -> D
 
  private:
+  /// Whether the backend runs the attention core itself (backend_traits::attention_forward
+  /// and attention_backward).
+  static constexpr bool backend_core_ = requires(index_t i, T x, const T* in, T* io) {
+    backend_traits<B>::attention_forward(i, i, i, i, x, in, io, io);
+    backend_traits<B>::attention_backward(i, i, i, i, x, in, in, in, io);
+  };
+  /// Under bf16 matmul precision float products round their operands, which the backend
+  /// GEMMs do.
+  static bool rounds_to_bf16_() { return std::is_same_v<T, float> && get_matmul_precision() == matmul_precision::bf16; }
+
   /// The [tokens, head_dim] block of q (which = 0), k (1) or v (2) of head h in sample s's
   /// rows of a [S * tokens, 3D] matrix.
   template <class U>

@@ -21,6 +21,7 @@
 /// grad pointers it was built from: the parameters must outlive it and not be reallocated.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <set>
@@ -98,6 +99,8 @@ class adamw {
       exp_avg_sq_.emplace_back(p.shape);
       exp_avg_.back().fill(T(0));
       exp_avg_sq_.back().fill(T(0));
+      for (index_t first = 0; first < n; first += update_piece)
+        pieces_.push_back({params_.size() - 1, first, std::min(update_piece, n - first)});
     }
   }
 
@@ -111,15 +114,31 @@ class adamw {
     const double bias_correction2 = 1.0 - std::pow(opt_.beta2, t);
     const double step_size = lr / bias_correction1;
     const double bias_correction2_sqrt = std::sqrt(bias_correction2);
-    for (std::size_t k = 0; k < params_.size(); ++k) {
-      const index_t n = params_[k].size();
-      if (n == 0) continue;
-      traits::parallel_for(
-          n, detail::adamw_step_functor<T>{params_[k].value, params_[k].grad, exp_avg_[k].data(), exp_avg_sq_[k].data(),
-                                           static_cast<T>(1.0 - lr * opt_.weight_decay), static_cast<T>(opt_.beta1),
-                                           static_cast<T>(1.0 - opt_.beta1), static_cast<T>(opt_.beta2),
-                                           static_cast<T>(1.0 - opt_.beta2), static_cast<T>(bias_correction2_sqrt),
-                                           static_cast<T>(opt_.eps), static_cast<T>(-step_size)});
+    const auto update = [&](std::size_t k) {
+      return detail::adamw_step_functor<T>{params_[k].value,
+                                           params_[k].grad,
+                                           exp_avg_[k].data(),
+                                           exp_avg_sq_[k].data(),
+                                           static_cast<T>(1.0 - lr * opt_.weight_decay),
+                                           static_cast<T>(opt_.beta1),
+                                           static_cast<T>(1.0 - opt_.beta1),
+                                           static_cast<T>(opt_.beta2),
+                                           static_cast<T>(1.0 - opt_.beta2),
+                                           static_cast<T>(bias_correction2_sqrt),
+                                           static_cast<T>(opt_.eps),
+                                           static_cast<T>(-step_size)};
+    };
+    if constexpr (traits::concurrent_tasks) {
+      // Pieces of every tensor as tasks of one parallel pass: most tensors are too small for a
+      // parallel loop of their own, which would leave the other threads waiting.
+      traits::parallel_tasks(static_cast<index_t>(pieces_.size()), [&](index_t t) {
+        const piece& pc = pieces_[static_cast<std::size_t>(t)];
+        const auto f = update(pc.param);
+        for (index_t i = pc.first; i < pc.first + pc.size; ++i) f(i);
+      });
+    } else {
+      for (std::size_t k = 0; k < params_.size(); ++k)
+        if (params_[k].size() > 0) traits::parallel_for(params_[k].size(), update(k));
     }
   }
 
@@ -164,8 +183,16 @@ class adamw {
   }
 
   adamw_options opt_;
+  /// Elements of a parameter updated by one task (backends with concurrent tasks).
+  static constexpr index_t update_piece = index_t{1} << 15;
+  struct piece {
+    std::size_t param;
+    index_t first, size;
+  };
+
   std::vector<named_parameter<T>> params_;
   std::vector<tensor<T, B>> exp_avg_, exp_avg_sq_;
+  std::vector<piece> pieces_;  ///< every parameter in pieces of at most update_piece elements
   std::int64_t step_ = 0;
 };
 

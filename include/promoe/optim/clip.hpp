@@ -78,11 +78,19 @@ const std::vector<double>& grad_sum_squares(const std::vector<named_parameter<T>
   w.sums.assign(params.size(), 0.0);
   if (chunks == 0) return w.sums;
   w.partial.resize({chunks});
-  for (std::size_t k = 0; k < params.size(); ++k) {
+  const auto sum_chunks_of = [&](std::size_t k) {
     const index_t c = w.first_chunk[k + 1] - w.first_chunk[k];
     if (c > 0)
       traits::parallel_for(c, sum_squares_chunk_functor<T>{params[k].grad, params[k].size(),
                                                            w.partial.data() + w.first_chunk[k]});
+  };
+  if constexpr (traits::concurrent_tasks) {
+    // Most tensors are a chunk or two: one task each (their loops run inside the task) rather
+    // than a short parallel loop per tensor with the other threads waiting.
+    traits::parallel_tasks(static_cast<index_t>(params.size()),
+                           [&](index_t k) { sum_chunks_of(static_cast<std::size_t>(k)); });
+  } else {
+    for (std::size_t k = 0; k < params.size(); ++k) sum_chunks_of(k);
   }
   w.partial.to_host(w.partial_host);
   for (std::size_t k = 0; k < params.size(); ++k)
