@@ -439,6 +439,49 @@ TEST_CASE("gemm: the host kernel is OpenBLAS's where it has one for the CPU, els
   REQUIRE_THROWS_WITH(pick_host_gemm_kernel("openblas", ""), Catch::Contains("built without OpenBLAS"));
 }
 
+TEMPLATE_LIST_TEST_CASE("gemm_strided_batched: every product of the batch, strides beyond the matrices",
+                        "[core][backend][gemm]", test_configs) {
+  using B = typename TestType::backend;
+  using T = typename TestType::scalar;
+  const index_t m = 5, n = 7, k = 6, batch = 4;
+  std::uint64_t seed = 7000;
+  for (transpose ta : {transpose::no, transpose::yes})
+    for (transpose tb : {transpose::no, transpose::yes}) {
+      const bool at = ta == transpose::yes, bt = tb == transpose::yes;
+      const index_t lda = (at ? m : k) + 1, ldb = (bt ? k : n) + 2, ldc = n + 3;
+      // strides leave gaps between the batch's matrices (and C's gaps must survive)
+      const index_t sa = (at ? k : m) * lda + 5, sb = (bt ? n : k) * ldb + 3, sc = m * ldc + 4;
+      const auto ha = random_vector<T>(static_cast<std::size_t>(batch * sa), seed++);
+      const auto hb = random_vector<T>(static_cast<std::size_t>(batch * sb), seed++);
+      const auto hc = random_vector<T>(static_cast<std::size_t>(batch * sc), seed++);
+      auto da = to_device<B>(ha, {batch * sa});
+      auto db = to_device<B>(hb, {batch * sb});
+      auto dc = to_device<B>(hc, {batch * sc});
+      const double alpha = 0.5, beta = -1.5;
+      promoe::ops::gemm_strided_batched<B, T>(ta, tb, m, n, k, T(alpha), da.data(), lda, sa, db.data(), ldb, sb, T(beta),
+                                              dc.data(), ldc, sc, batch);
+      const auto got = dc.to_host();
+      auto want = std::vector<double>(hc.begin(), hc.end());
+      for (index_t i = 0; i < batch; ++i)
+        for (index_t r = 0; r < m; ++r)
+          for (index_t j = 0; j < n; ++j) {
+            double acc = 0;
+            for (index_t p = 0; p < k; ++p)
+              acc += static_cast<double>(ha[i * sa + (at ? p * lda + r : r * lda + p)]) *
+                     static_cast<double>(hb[i * sb + (bt ? j * ldb + p : p * ldb + j)]);
+            double& w = want[i * sc + r * ldc + j];
+            w = alpha * acc + beta * w;
+          }
+      double diff = 0, scale = 0;
+      for (std::size_t i = 0; i < want.size(); ++i) {
+        diff = std::max(diff, std::abs(static_cast<double>(got[i]) - want[i]));
+        scale = std::max(scale, std::abs(want[i]));
+      }
+      INFO(promoe::backend_traits<B>::name << " ta=" << at << " tb=" << bt);
+      CHECK(diff / scale < promoe_test::tolerance<T>());
+    }
+}
+
 TEMPLATE_TEST_CASE("small_gemm: op(A) B overwrites C, every tile and tail width, padded leading dimensions",
                    "[core][gemm]", float, double) {
   using T = TestType;

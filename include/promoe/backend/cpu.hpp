@@ -106,6 +106,18 @@ struct backend_traits<backend::cpu> {
     detail::host_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   }
 
+  /// C_i = alpha * op(A_i) * op(B_i) + beta * C_i for i in [0, batch), X_i = x + i * stride_x:
+  /// the products run side by side as tasks (each on one thread).
+  template <class T>
+  static void gemm_strided_batched(transpose ta, transpose tb, index_t m, index_t n, index_t k, T alpha, const T* a,
+                                   index_t lda, index_t stride_a, const T* b, index_t ldb, index_t stride_b, T beta,
+                                   T* c, index_t ldc, index_t stride_c, index_t batch) {
+    parallel_tasks(batch, [&](index_t i) {
+      detail::host_gemm(ta, tb, m, n, k, alpha, a + i * stride_a, lda, b + i * stride_b, ldb, beta, c + i * stride_c,
+                        ldc);
+    });
+  }
+
   /// The core of multi-head self-attention for every (sample, head), one task each through
   /// the host kernels (host_attention.hpp), in nn::attention's layout: qkv [S * tokens, 3D]
   /// with columns (q/k/v, head, head_dim), D = heads * hd; probs [S, heads, tokens, tokens]

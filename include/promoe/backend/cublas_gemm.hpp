@@ -42,37 +42,69 @@ inline void cublas_check(cublasStatus_t st, const char* what, index_t m, index_t
          cublasGetStatusString(st));
 }
 
-/// C[m, n] = alpha * op(A) * op(B) + beta * C, all row-major with leading dimensions. cuBLAS
-/// is column-major: a row-major C is a column-major C^T = op(B)^T op(A)^T, so the operands
-/// swap places and keep their transpose flags.
+/// For i in [0, batch): C_i[m, n] = alpha * op(A_i) * op(B_i) + beta * C_i, all row-major with
+/// leading dimensions, X_i = x + i * stride_x (one strided-batched call; batch 1 is a plain
+/// GEMM). cuBLAS is column-major: a row-major C is a column-major C^T = op(B)^T op(A)^T, so
+/// the operands swap places and keep their transpose flags.
 template <class T>
-void cublas_gemm(transpose ta, transpose tb, index_t m, index_t n, index_t k, T alpha, const T* a, index_t lda,
-                 const T* b, index_t ldb, T beta, T* c, index_t ldc) {
+void cublas_gemm_strided_batched(transpose ta, transpose tb, index_t m, index_t n, index_t k, T alpha, const T* a,
+                                 index_t lda, index_t stride_a, const T* b, index_t ldb, index_t stride_b, T beta, T* c,
+                                 index_t ldc, index_t stride_c, index_t batch) {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "cublas_gemm: float or double");
-  if (m == 0 || n == 0) return;
+  if (m == 0 || n == 0 || batch == 0) return;
   const cublasOperation_t opa = ta == transpose::yes ? CUBLAS_OP_T : CUBLAS_OP_N;
   const cublasOperation_t opb = tb == transpose::yes ? CUBLAS_OP_T : CUBLAS_OP_N;
   // cuBLAS wants every leading dimension >= 1 even when an operand is empty (k = 0)
   const auto i32 = [](index_t v) { return static_cast<int>(v > 0 ? v : 1); };
   PROMOE_CHECK(m < (index_t{1} << 31) && n < (index_t{1} << 31) && k < (index_t{1} << 31) && lda < (index_t{1} << 31) &&
-                   ldb < (index_t{1} << 31) && ldc < (index_t{1} << 31),
-               "cuBLAS: GEMM dimensions beyond 32-bit (m ", m, ", n ", n, ", k ", k, ")");
+                   ldb < (index_t{1} << 31) && ldc < (index_t{1} << 31) && batch < (index_t{1} << 31),
+               "cuBLAS: GEMM dimensions beyond 32-bit (m ", m, ", n ", n, ", k ", k, ", batch ", batch, ")");
   cublasHandle_t h = cublas_handle();
+  const auto sa = static_cast<long long>(stride_a), sb = static_cast<long long>(stride_b),
+             sc = static_cast<long long>(stride_c);
   if constexpr (std::is_same_v<T, float>) {
     if (get_matmul_precision() == matmul_precision::bf16) {
       // bf16 tensor cores: operands converted to bf16, float32 accumulation and output.
-      cublas_check(cublasGemmEx(h, opb, opa, i32(n), i32(m), i32(k), &alpha, b, CUDA_R_32F, i32(ldb), a, CUDA_R_32F,
-                                i32(lda), &beta, c, CUDA_R_32F, i32(ldc), CUBLAS_COMPUTE_32F_FAST_16BF,
-                                CUBLAS_GEMM_DEFAULT),
-                   "cublasGemmEx (bf16)", m, n, k);
+      if (batch == 1) {
+        cublas_check(cublasGemmEx(h, opb, opa, i32(n), i32(m), i32(k), &alpha, b, CUDA_R_32F, i32(ldb), a, CUDA_R_32F,
+                                  i32(lda), &beta, c, CUDA_R_32F, i32(ldc), CUBLAS_COMPUTE_32F_FAST_16BF,
+                                  CUBLAS_GEMM_DEFAULT),
+                     "cublasGemmEx (bf16)", m, n, k);
+      } else {
+        cublas_check(cublasGemmStridedBatchedEx(h, opb, opa, i32(n), i32(m), i32(k), &alpha, b, CUDA_R_32F, i32(ldb), sb,
+                                                a, CUDA_R_32F, i32(lda), sa, &beta, c, CUDA_R_32F, i32(ldc), sc,
+                                                i32(batch), CUBLAS_COMPUTE_32F_FAST_16BF, CUBLAS_GEMM_DEFAULT),
+                     "cublasGemmStridedBatchedEx (bf16)", m, n, k);
+      }
       return;
     }
-    cublas_check(cublasSgemm(h, opb, opa, i32(n), i32(m), i32(k), &alpha, b, i32(ldb), a, i32(lda), &beta, c, i32(ldc)),
-                 "cublasSgemm", m, n, k);
+    if (batch == 1) {
+      cublas_check(
+          cublasSgemm(h, opb, opa, i32(n), i32(m), i32(k), &alpha, b, i32(ldb), a, i32(lda), &beta, c, i32(ldc)),
+          "cublasSgemm", m, n, k);
+    } else {
+      cublas_check(cublasSgemmStridedBatched(h, opb, opa, i32(n), i32(m), i32(k), &alpha, b, i32(ldb), sb, a, i32(lda),
+                                             sa, &beta, c, i32(ldc), sc, i32(batch)),
+                   "cublasSgemmStridedBatched", m, n, k);
+    }
   } else {
-    cublas_check(cublasDgemm(h, opb, opa, i32(n), i32(m), i32(k), &alpha, b, i32(ldb), a, i32(lda), &beta, c, i32(ldc)),
-                 "cublasDgemm", m, n, k);
+    if (batch == 1) {
+      cublas_check(
+          cublasDgemm(h, opb, opa, i32(n), i32(m), i32(k), &alpha, b, i32(ldb), a, i32(lda), &beta, c, i32(ldc)),
+          "cublasDgemm", m, n, k);
+    } else {
+      cublas_check(cublasDgemmStridedBatched(h, opb, opa, i32(n), i32(m), i32(k), &alpha, b, i32(ldb), sb, a, i32(lda),
+                                             sa, &beta, c, i32(ldc), sc, i32(batch)),
+                   "cublasDgemmStridedBatched", m, n, k);
+    }
   }
+}
+
+/// C[m, n] = alpha * op(A) * op(B) + beta * C, all row-major with leading dimensions.
+template <class T>
+void cublas_gemm(transpose ta, transpose tb, index_t m, index_t n, index_t k, T alpha, const T* a, index_t lda,
+                 const T* b, index_t ldb, T beta, T* c, index_t ldc) {
+  cublas_gemm_strided_batched(ta, tb, m, n, k, alpha, a, lda, 0, b, ldb, 0, beta, c, ldc, 0, 1);
 }
 
 }  // namespace promoe::detail

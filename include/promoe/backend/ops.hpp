@@ -24,6 +24,27 @@ void gemm(const_matrix_view<T> a, transpose ta, const_matrix_view<T> b, transpos
   backend_traits<B>::gemm(ta, tb, m, n, k, alpha, a.data, a.ld, b.data, b.ld, beta, c.data, c.ld);
 }
 
+/// For every i in [0, batch): C_i = alpha * op(A_i) * op(B_i) + beta * C_i, where X_i starts
+/// at x + i * stride_x (raw pointers, row-major with leading dimensions). Backends with their
+/// own strided-batched GEMM (backend_traits::gemm_strided_batched: one cuBLAS call, or tasks
+/// side by side on the host) run it; others one GEMM per i.
+template <class B, class T>
+void gemm_strided_batched(transpose ta, transpose tb, index_t m, index_t n, index_t k, T alpha, const T* a,
+                          index_t lda, index_t stride_a, const T* b, index_t ldb, index_t stride_b, T beta, T* c,
+                          index_t ldc, index_t stride_c, index_t batch) {
+  if constexpr (requires {
+                  backend_traits<B>::gemm_strided_batched(ta, tb, m, n, k, alpha, a, lda, stride_a, b, ldb, stride_b,
+                                                          beta, c, ldc, stride_c, batch);
+                }) {
+    backend_traits<B>::gemm_strided_batched(ta, tb, m, n, k, alpha, a, lda, stride_a, b, ldb, stride_b, beta, c, ldc,
+                                            stride_c, batch);
+  } else {
+    for (index_t i = 0; i < batch; ++i)
+      backend_traits<B>::gemm(ta, tb, m, n, k, alpha, a + i * stride_a, lda, b + i * stride_b, ldb, beta,
+                              c + i * stride_c, ldc);
+  }
+}
+
 namespace detail {
 /// out[r, :] = row, or += row when accumulate.
 template <class T>

@@ -8,9 +8,11 @@
 /// proj = Linear(D, D) (bias). Attention runs within each sample's `tokens` contiguous rows.
 ///
 /// Backends with their own attention core (the host: backend_traits::attention_forward, one
-/// fused task per (sample, head)) run it; elsewhere, and under bf16 matmul precision (which
-/// the GEMMs apply), the per-(sample, head) products are backend GEMMs on strided views of the
-/// qkv rows (ld = 3D), so q, k and v are never copied out.
+/// fused task per (sample, head)) run it. Elsewhere (a GPU), and under bf16 matmul precision
+/// (which the GEMMs apply), each product is one strided-batched GEMM per head over all samples
+/// on the qkv rows in place (ld = 3D; cuBLAS's strided-batched call on a GPU), and one
+/// softmax pass covers every row of every head: a handful of launches per layer instead of
+/// several per (sample, head).
 #pragma once
 
 #include <cmath>
@@ -89,7 +91,6 @@ class attention {
 
     qkv.forward(x, c.qkv.matrix());
     const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(hd)));
-    const const_matrix_view<T> qkv_m = c.qkv.cmatrix();
     const matrix_view<T> out = c.out.matrix();
     if constexpr (backend_core_) {
       if (!rounds_to_bf16_()) {
@@ -99,15 +100,20 @@ class attention {
         return;
       }
     }
-    // One task per (sample, head): its small GEMMs and softmax run on one thread.
-    backend_traits<B>::parallel_tasks(s_count * heads_, [&](index_t task) {
-      const index_t s = task / heads_, h = task % heads_;
-      const matrix_view<T> p = probs_(c.probs, s, h, tokens);
-      ops::gemm<B, T>(q_(qkv_m, s, h, tokens), transpose::no, k_(qkv_m, s, h, tokens), transpose::yes, p, scale, T(0));
-      backend_traits<B>::parallel_for(tokens, promoe::detail::softmax_rows_functor<T>{p.data, tokens});
-      ops::gemm<B, T>(const_matrix_view<T>(p), transpose::no, v_(qkv_m, s, h, tokens), transpose::no,
-                      out.row_block(s * tokens, tokens).col_block(h * hd, hd), T(1), T(0));
-    });
+    // Per head, one strided-batched GEMM over the samples for each product (sample s's
+    // blocks lie tokens rows further on), and one softmax over every row of every head.
+    const index_t q_step = tokens * ld, p_step = heads_ * tokens * tokens, o_step = tokens * dim_;
+    const T* q = c.qkv.data();
+    T* p = c.probs.data();
+    for (index_t h = 0; h < heads_; ++h)
+      ops::gemm_strided_batched<B, T>(transpose::no, transpose::yes, tokens, tokens, hd, scale, q + h * hd, ld, q_step,
+                                      q + dim_ + h * hd, ld, q_step, T(0), p + h * tokens * tokens, tokens, p_step,
+                                      s_count);
+    backend_traits<B>::parallel_for(s_count * heads_ * tokens, promoe::detail::softmax_rows_functor<T>{p, tokens});
+    for (index_t h = 0; h < heads_; ++h)
+      ops::gemm_strided_batched<B, T>(transpose::no, transpose::no, tokens, hd, tokens, T(1), p + h * tokens * tokens,
+                                      tokens, p_step, q + 2 * dim_ + h * hd, ld, q_step, T(0), out.data + h * hd, dim_,
+                                      o_step, s_count);
     proj.forward(c.out.cmatrix(), y);
   }
 
@@ -134,10 +140,10 @@ class attention {
     // y = o W_p^T + b_p
     proj.backward(c.out.cmatrix(), dy, c.d_out.matrix(), c.ones.data());
 
-    const const_matrix_view<T> qkv_m = c.qkv.cmatrix(), d_out = c.d_out.cmatrix();
+    const const_matrix_view<T> d_out = c.d_out.cmatrix();
     const matrix_view<T> d_qkv = c.d_qkv.matrix();
-    // One task per (sample, head), writing only its own blocks. Every column of d_qkv is
-    // written exactly once (dQ, dK, dV of each head), so no zeroing.
+    // Every element of d_qkv is written exactly once (dQ, dK, dV of each head, each sample),
+    // so no zeroing.
     const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(hd)));
     if constexpr (backend_core_) {
       if (!rounds_to_bf16_()) {
@@ -148,22 +154,38 @@ class attention {
       }
     }
     c.d_probs.resize({s_count, heads_, tokens, tokens});
-    backend_traits<B>::parallel_tasks(s_count * heads_, [&](index_t task) {
-      const index_t s = task / heads_, h = task % heads_;
-      const const_matrix_view<T> d_o = d_out.row_block(s * tokens, tokens).col_block(h * hd, hd);
-      const const_matrix_view<T> p = probs_(std::as_const(c.probs), s, h, tokens);
-      const matrix_view<T> d_s = probs_(c.d_probs, s, h, tokens);
+    // As the forward: strided-batched GEMMs per head, one softmax backward over every row.
+    const index_t q_step = tokens * ld, p_step = heads_ * tokens * tokens, o_step = tokens * dim_;
+    const T* q = c.qkv.data();
+    const T* p = c.probs.data();
+    const T* d_o = d_out.data;
+    T* d_s = c.d_probs.data();
+    T* d_q = d_qkv.data;
+    const auto batched = [&](transpose ta, transpose tb, index_t rows, index_t cols, index_t depth, T alpha,
+                             const T* a, index_t lda, index_t sa, const T* b, index_t ldb, index_t sb, T* dst,
+                             index_t ldd, index_t sd) {
+      ops::gemm_strided_batched<B, T>(ta, tb, rows, cols, depth, alpha, a, lda, sa, b, ldb, sb, T(0), dst, ldd, sd,
+                                      s_count);
+    };
+    for (index_t h = 0; h < heads_; ++h) {
+      const index_t ph = h * tokens * tokens, qh = h * hd;
       // o = P v: dV = P^T dO, dP = dO v^T
-      ops::gemm<B, T>(p, transpose::yes, d_o, transpose::no, v_(d_qkv, s, h, tokens), T(1), T(0));
-      ops::gemm<B, T>(d_o, transpose::no, v_(qkv_m, s, h, tokens), transpose::yes, d_s, T(1), T(0));
-      // P = softmax(S): dS = P * (dP - rowsum(dP * P))
-      backend_traits<B>::parallel_for(tokens, promoe::detail::softmax_backward_rows_functor<T>{p.data, d_s.data, tokens});
+      batched(transpose::yes, transpose::no, tokens, hd, tokens, T(1), p + ph, tokens, p_step, d_o + qh, dim_, o_step,
+              d_q + 2 * dim_ + qh, ld, q_step);
+      batched(transpose::no, transpose::yes, tokens, tokens, hd, T(1), d_o + qh, dim_, o_step, q + 2 * dim_ + qh, ld,
+              q_step, d_s + ph, tokens, p_step);
+    }
+    // P = softmax(S): dS = P * (dP - rowsum(dP * P))
+    backend_traits<B>::parallel_for(s_count * heads_ * tokens,
+                                    promoe::detail::softmax_backward_rows_functor<T>{p, d_s, tokens});
+    for (index_t h = 0; h < heads_; ++h) {
+      const index_t ph = h * tokens * tokens, qh = h * hd;
       // S = q k^T * scale: dQ = scale dS k, dK = scale dS^T q
-      ops::gemm<B, T>(const_matrix_view<T>(d_s), transpose::no, k_(qkv_m, s, h, tokens), transpose::no,
-                      q_(d_qkv, s, h, tokens), scale, T(0));
-      ops::gemm<B, T>(const_matrix_view<T>(d_s), transpose::yes, q_(qkv_m, s, h, tokens), transpose::no,
-                      k_(d_qkv, s, h, tokens), scale, T(0));
-    });
+      batched(transpose::no, transpose::no, tokens, hd, tokens, scale, d_s + ph, tokens, p_step, q + dim_ + qh, ld,
+              q_step, d_q + qh, ld, q_step);
+      batched(transpose::yes, transpose::no, tokens, hd, tokens, scale, d_s + ph, tokens, p_step, q + qh, ld, q_step,
+              d_q + dim_ + qh, ld, q_step);
+    }
     qkv.backward(x, c.d_qkv.cmatrix(), dx, c.ones.data());
   }
 
@@ -193,27 +215,6 @@ class attention {
   /// Under bf16 matmul precision float products round their operands, which the backend
   /// GEMMs do.
   static bool rounds_to_bf16_() { return std::is_same_v<T, float> && get_matmul_precision() == matmul_precision::bf16; }
-
-  /// The [tokens, head_dim] block of q (which = 0), k (1) or v (2) of head h in sample s's
-  /// rows of a [S * tokens, 3D] matrix.
-  template <class U>
-  matrix_view<U> part_(matrix_view<U> m, index_t which, index_t s, index_t h, index_t tokens) const {
-    const index_t hd = head_dim();
-    return m.row_block(s * tokens, tokens).col_block(which * dim_ + h * hd, hd);
-  }
-  template <class U>
-  matrix_view<U> q_(matrix_view<U> m, index_t s, index_t h, index_t tokens) const { return part_(m, 0, s, h, tokens); }
-  template <class U>
-  matrix_view<U> k_(matrix_view<U> m, index_t s, index_t h, index_t tokens) const { return part_(m, 1, s, h, tokens); }
-  template <class U>
-  matrix_view<U> v_(matrix_view<U> m, index_t s, index_t h, index_t tokens) const { return part_(m, 2, s, h, tokens); }
-  /// The [tokens, tokens] block of (sample s, head h) in a [S, heads, tokens, tokens] tensor.
-  static matrix_view<T> probs_(tensor<T, B>& p, index_t s, index_t h, index_t tokens) {
-    return {p.data() + ((s * p.dim(1) + h) * tokens) * tokens, tokens, tokens};
-  }
-  static const_matrix_view<T> probs_(const tensor<T, B>& p, index_t s, index_t h, index_t tokens) {
-    return {p.data() + ((s * p.dim(1) + h) * tokens) * tokens, tokens, tokens};
-  }
 
   index_t dim_ = 0, heads_ = 0;
 };
