@@ -6,24 +6,9 @@
 
 #include "../core/config.hpp"
 #include "../core/fast_math.hpp"
+#include "../core/lane_sum.hpp"
 
 namespace promoe::detail {
-
-/// sum_j x[j] * y[j] (y = nullptr: sum_j x[j]) in 8 interleaved partial sums, so the adds
-/// vectorise and do not wait on each other (a single running sum is one long dependency
-/// chain, which the compiler may not reorder).
-template <class T>
-PROMOE_HOST_DEVICE inline T row_sum(const T* x, const T* y, index_t n) {
-  constexpr index_t lanes = 8;
-  T part[lanes] = {};
-  index_t j = 0;
-  for (; j + lanes <= n; j += lanes)
-    for (index_t u = 0; u < lanes; ++u) part[u] += y ? x[j + u] * y[j + u] : x[j + u];
-  T s = T(0);
-  for (; j < n; ++j) s += y ? x[j] * y[j] : x[j];
-  for (index_t u = 0; u < lanes; ++u) s += part[u];
-  return s;
-}
 
 /// Row r of the scores: in place, p = exp(s - max s) / sum exp(s - max s).
 template <class T>
@@ -36,7 +21,7 @@ struct softmax_rows_functor {
     T m = row[0];
     for (index_t j = 1; j < n; ++j) m = row[j] > m ? row[j] : m;
     for (index_t j = 0; j < n; ++j) row[j] = fast_exp(row[j] - m);  // vectorises
-    const T inv = T(1) / row_sum<T>(row, nullptr, n);
+    const T inv = T(1) / lane_sum<T>(n, [row](index_t j) { return row[j]; });
     for (index_t j = 0; j < n; ++j) row[j] *= inv;
   }
 };
@@ -52,7 +37,7 @@ struct softmax_backward_rows_functor {
   PROMOE_HOST_DEVICE void operator()(index_t r) const {
     const T* pr = p + r * n;
     T* gr = g + r * n;
-    const T dot = row_sum(gr, pr, n);
+    const T dot = lane_sum<T>(n, [gr, pr](index_t j) { return gr[j] * pr[j]; });
     for (index_t j = 0; j < n; ++j) gr[j] = pr[j] * (gr[j] - dot);
   }
 };

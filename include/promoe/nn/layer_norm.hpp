@@ -14,6 +14,7 @@
 #include "../backend/backend.hpp"
 #include "../backend/tensor.hpp"
 #include "../core/error.hpp"
+#include "../core/lane_sum.hpp"
 #include "../core/view.hpp"
 
 namespace promoe::nn {
@@ -36,14 +37,8 @@ struct layer_norm_forward_functor {
   PROMOE_HOST_DEVICE void operator()(index_t r) const {
     using std::sqrt;
     const T* xr = x + r * ldx;
-    T s = T(0);
-    for (index_t j = 0; j < d; ++j) s += xr[j];
-    const T m = s / T(d);
-    T v = T(0);
-    for (index_t j = 0; j < d; ++j) {
-      const T c = xr[j] - m;
-      v += c * c;
-    }
+    const T m = lane_sum<T>(d, [xr](index_t j) { return xr[j]; }) / T(d);
+    const T v = lane_sum<T>(d, [xr, m](index_t j) { return (xr[j] - m) * (xr[j] - m); });
     const T rs = T(1) / sqrt(v / T(d) + eps);
     T* yr = y + r * ldy;
     T* hr = xhat + r * d;
@@ -71,11 +66,8 @@ struct layer_norm_backward_functor {
   PROMOE_HOST_DEVICE void operator()(index_t r) const {
     const T* hr = xhat + r * d;
     const T* gr = dy + r * lddy;
-    T sg = T(0), sgh = T(0);
-    for (index_t j = 0; j < d; ++j) {
-      sg += gr[j];
-      sgh += gr[j] * hr[j];
-    }
+    const T sg = lane_sum<T>(d, [gr](index_t j) { return gr[j]; });
+    const T sgh = lane_sum<T>(d, [gr, hr](index_t j) { return gr[j] * hr[j]; });
     const T mg = sg / T(d), mgh = sgh / T(d), rs = rstd[r];
     T* dr = dx + r * lddx;
     for (index_t j = 0; j < d; ++j) dr[j] += rs * (gr[j] - mg - hr[j] * mgh);

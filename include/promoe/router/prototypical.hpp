@@ -10,6 +10,7 @@
 #include "../backend/init.hpp"
 #include "../backend/ops.hpp"
 #include "../backend/tensor.hpp"
+#include "../core/lane_sum.hpp"
 #include "../core/rng.hpp"
 #include "../routing/dispatch_plan.hpp"
 #include "../routing/loss_input.hpp"
@@ -37,9 +38,7 @@ struct row_norms_functor {
   PROMOE_HOST_DEVICE void operator()(index_t r) const {
     using std::sqrt;
     const T* in = x + r * ldx;
-    T s = T(0);
-    for (index_t j = 0; j < d; ++j) s += in[j] * in[j];
-    norm[r] = sqrt(s);
+    norm[r] = sqrt(lane_sum<T>(d, [in](index_t j) { return in[j] * in[j]; }));
   }
 };
 
@@ -122,8 +121,7 @@ struct normalize_backward_functor {
     const T* g = dy + r * d;
     T* out = dx + r * lddx;
     if (norm[r] > T(normalize_eps)) {
-      T dot = T(0);
-      for (index_t j = 0; j < d; ++j) dot += yr[j] * g[j];
+      const T dot = lane_sum<T>(d, [yr, g](index_t j) { return yr[j] * g[j]; });
       for (index_t j = 0; j < d; ++j) out[j] += (g[j] - yr[j] * dot) / norm[r];
     } else {
       for (index_t j = 0; j < d; ++j) out[j] += g[j] / T(normalize_eps);

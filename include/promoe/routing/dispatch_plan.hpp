@@ -16,6 +16,7 @@
 #include "../backend/backend.hpp"
 #include "../backend/tensor.hpp"
 #include "../core/error.hpp"
+#include "../core/lane_sum.hpp"
 #include "../core/view.hpp"
 
 namespace promoe {
@@ -141,12 +142,8 @@ struct combine_backward_functor {
     const T* v = yp + r * d;
     const T gate = slot_gate[s];
     T* out = dyp + r * d;
-    T dot = T(0);
-    for (index_t j = 0; j < d; ++j) {
-      out[j] = gate * g[j];
-      dot += g[j] * v[j];
-    }
-    dgate[s] = dot;
+    for (index_t j = 0; j < d; ++j) out[j] = gate * g[j];
+    dgate[s] = lane_sum<T>(d, [g, v](index_t j) { return g[j] * v[j]; });
   }
 };
 
