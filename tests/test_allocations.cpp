@@ -10,12 +10,18 @@
 #include <vector>
 
 #include <catch2/catch.hpp>
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 #include <promoe/dit.hpp>
 #include <promoe/optim/adamw.hpp>
 #include <promoe/optim/clip.hpp>
 #include <promoe/optim/ema.hpp>
 #include <promoe/promoe.hpp>
+#if defined(PROMOE_TEST_THRUST)
+#include <promoe/backend/thrust.hpp>
+#endif
 
 #include "heap_counter.hpp"
 
@@ -33,11 +39,12 @@ std::int64_t allocations_in(F&& f) {
   return heap::allocations() - before;
 }
 
-tensor<T, B> random_tensor(std::vector<index_t> shape, std::uint64_t stream) {
-  tensor<T, B> t(std::move(shape));
+template <class Bk = B>
+tensor<T, Bk> random_tensor(std::vector<index_t> shape, std::uint64_t stream) {
+  tensor<T, Bk> t(std::move(shape));
   std::vector<T> h(static_cast<std::size_t>(t.size()));
   for (std::size_t i = 0; i < h.size(); ++i) h[i] = static_cast<T>(rng::normal(5, stream, i));
-  return tensor<T, B>::from_host(h, t.shape());
+  return tensor<T, Bk>::from_host(h, t.shape());
 }
 
 /// A training step of a layer: forward, backward; the first call sizes the caches. Later
@@ -45,9 +52,10 @@ tensor<T, B> random_tensor(std::vector<index_t> shape, std::uint64_t stream) {
 /// does), so a conditional router sees more labelled tokens than in the first step.
 template <class Layer>
 void check_layer_step(Layer& layer, index_t samples, index_t tokens_per_sample) {
+  using Bk = typename Layer::backend_type;
   const index_t n = samples * tokens_per_sample, d = layer.dim();
-  const auto x = random_tensor({n, d}, 1), dy = random_tensor({n, d}, 2);
-  tensor<T, B> y({n, d}), dx({n, d});
+  const auto x = random_tensor<Bk>({n, d}, 1), dy = random_tensor<Bk>({n, d}, 2);
+  tensor<T, Bk> y({n, d}), dx({n, d});
   std::vector<std::int64_t> labels(static_cast<std::size_t>(samples));
   for (index_t s = 0; s < samples; ++s) labels[static_cast<std::size_t>(s)] = s % 3 == 2 ? 10 : s % 10;
   typename Layer::cache c;
@@ -141,28 +149,32 @@ TEST_CASE("allocations: GEMMs of changing shapes allocate nothing once the threa
   }
 }
 
-TEST_CASE("allocations: a whole DiT training step allocates nothing once sized", "[alloc][dit]") {
-  using moe = promoe_layer<B, T>;
-  using model_t = dit::dit_model<B, T, moe>;
+namespace {
+
+/// Trains a small ProMoE-DiT on backend Bk and counts the allocations of later steps.
+template <class Bk>
+void check_dit_step() {
+  using moe = promoe_layer<Bk, T>;
+  using model_t = dit::dit_model<Bk, T, moe>;
   dit::dit_config d;
   d.input_size = 8, d.patch_size = 2, d.in_channels = 1, d.hidden_size = 96, d.depth = 2, d.num_heads = 2;
   d.num_classes = 10, d.learn_sigma = false;
-  moe::config mc;
+  typename moe::config mc;
   mc.routed_experts = 3, mc.expert_hidden = 192, mc.unconditional_experts = 1, mc.shared_experts = 1;
   mc.router.null_label = d.num_classes;
   model_t model(d, mc, rng{7});
   const auto params = model.parameters();
-  optim::adamw<T, B> adamw(params, {.lr = 1e-3});
-  optim::ema<T, B> ema(params, 0.99);
+  optim::adamw<T, Bk> adamw(params, {.lr = 1e-3});
+  optim::ema<T, Bk> ema(params, 0.99);
   dit::rectified_flow flow;
-  dit::training_batch<T, B> batch;
+  dit::training_batch<T, Bk> batch;
   typename model_t::cache cache;
   const index_t n = 6;
-  const auto x0 = random_tensor({n, d.in_channels, d.input_size, d.input_size}, 3);
+  const auto x0 = random_tensor<Bk>({n, d.in_channels, d.input_size, d.input_size}, 3);
   std::vector<std::int64_t> labels{0, 1, 2, 3, 4, 5};
   std::vector<std::int64_t> dropped{0, 10, 2, 10, 4, 5};  // the first step: two of six dropped
-  tensor<T, B> out({n, d.out_channels(), d.input_size, d.input_size}), dout;
-  optim::grad_norm_workspace<B> clip_workspace;
+  tensor<T, Bk> out({n, d.out_channels(), d.input_size, d.input_size}), dout;
+  optim::grad_norm_workspace<Bk> clip_workspace;
   std::uint64_t step = 0;
   auto train_step = [&] {
     if (step > 0) model.drop_labels(labels, rng{1}, step, dropped);
@@ -171,7 +183,7 @@ TEST_CASE("allocations: a whole DiT training step allocates nothing once sized",
     flow.loss_and_grad(out, batch, dout);
     model.zero_grad();
     model.backward(dout.matrix(), cache);
-    optim::clip_grad_norm<T, B>(params, 1.0, clip_workspace);
+    optim::clip_grad_norm<T, Bk>(params, 1.0, clip_workspace);
     adamw.step(1e-3);
     ema.update();
     ++step;
@@ -189,3 +201,42 @@ TEST_CASE("allocations: a whole DiT training step allocates nothing once sized",
   for (int i = 0; i < 3; ++i) bf16_later += allocations_in(train_step);
   CHECK(bf16_later == 0);
 }
+
+}  // namespace
+
+TEST_CASE("allocations: a whole DiT training step allocates nothing once sized", "[alloc][dit]") {
+  check_dit_step<B>();
+}
+
+#if defined(PROMOE_TEST_THRUST)
+// The Thrust backend on the build's host device system: its buffers, dispatch (sorts and
+// scans) and reductions, whose temporary storage a GPU would otherwise cudaMalloc per call.
+TEST_CASE("allocations: the thrust backend's MoE and DiT steps allocate nothing once sized", "[alloc][thrust]") {
+  using Th = backend::thrust;
+#if THRUST_DEVICE_SYSTEM == THRUST_DEVICE_SYSTEM_OMP && defined(_OPENMP)
+  // libgomp allocates a team for every parallel region of a one-thread team (Thrust's OMP
+  // loops open one per call); that is the host emulation's, not the backend's.
+  if (omp_get_max_threads() == 1) {
+    WARN("one OpenMP thread: Thrust's OMP system allocates per region; skipped");
+    return;
+  }
+#endif
+  SECTION("ProMoE layer") {
+    promoe_layer<Th, T>::config cfg;
+    cfg.dim = 24, cfg.routed_experts = 4, cfg.expert_hidden = 40, cfg.unconditional_experts = 1;
+    cfg.shared_experts = 1;
+    cfg.router.null_label = 10;
+    promoe_layer<Th, T> layer(cfg, rng{3});
+    check_layer_step(layer, 6, 16);
+  }
+  SECTION("linear top-2 router with load balance and z-loss") {
+    using layer_t = moe_layer<router::top_k, expert::swiglu, losses<loss::load_balance, loss::z_loss>, Th, T>;
+    layer_t::config cfg;
+    cfg.dim = 24, cfg.routed_experts = 5, cfg.expert_hidden = 32, cfg.shared_experts = 1;
+    cfg.router = {.k = 2, .score = score_fn::softmax, .renormalize = true};
+    layer_t layer(cfg, rng{4});
+    check_layer_step(layer, 4, 16);
+  }
+  SECTION("DiT training step") { check_dit_step<Th>(); }
+}
+#endif

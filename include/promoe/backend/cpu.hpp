@@ -17,6 +17,7 @@
 #include <Eigen/Core>
 
 #include "backend.hpp"
+#include "counting_sort.hpp"
 #include "host_attention.hpp"
 #include "host_gemm.hpp"
 
@@ -118,6 +119,12 @@ struct backend_traits<backend::cpu> {
     });
   }
 
+  /// Per-thread scratch of the attention tasks. Acquired once by the calling thread before
+  /// the tasks start, which gives every thread of the team buffers of the size the tasks
+  /// need (so no thread allocates inside a later step, whichever tasks it happens to run).
+  template <class T>
+  using attention_scratch = detail::gemm_thread_buffers<T, detail::gemm_buffer_use::attention_scratch>;
+
   /// The core of multi-head self-attention for every (sample, head), one task each through
   /// the host kernels (host_attention.hpp), in nn::attention's layout: qkv [S * tokens, 3D]
   /// with columns (q/k/v, head, head_dim), D = heads * hd; probs [S, heads, tokens, tokens]
@@ -126,9 +133,10 @@ struct backend_traits<backend::cpu> {
   static void attention_forward(index_t samples, index_t tokens, index_t heads, index_t hd, T scale, const T* qkv,
                                 T* probs, T* out) {
     const index_t dim = heads * hd, ld = 3 * dim;
+    attention_scratch<T>::acquire(hd * tokens, 1);
     parallel_tasks(samples * heads, [&](index_t task) {
       const index_t s = task / heads, h = task % heads;
-      T* kt = detail::gemm_thread_buffers<T, detail::gemm_buffer_use::attention_scratch>::acquire(hd * tokens, 1).first;
+      T* kt = attention_scratch<T>::acquire(hd * tokens, 1).first;
       const T* q = qkv + s * tokens * ld + h * hd;
       detail::host_attention_head_forward(tokens, hd, scale, q, q + dim, q + 2 * dim, ld, probs + task * tokens * tokens,
                                           out + s * tokens * dim + h * hd, dim, kt);
@@ -140,10 +148,10 @@ struct backend_traits<backend::cpu> {
   static void attention_backward(index_t samples, index_t tokens, index_t heads, index_t hd, T scale, const T* qkv,
                                  const T* probs, const T* d_out, T* d_qkv) {
     const index_t dim = heads * hd, ld = 3 * dim;
+    attention_scratch<T>::acquire(tokens * tokens, hd * tokens);
     parallel_tasks(samples * heads, [&](index_t task) {
       const index_t s = task / heads, h = task % heads;
-      const auto [ds, vt] = detail::gemm_thread_buffers<T, detail::gemm_buffer_use::attention_scratch>::acquire(
-          tokens * tokens, hd * tokens);
+      const auto [ds, vt] = attention_scratch<T>::acquire(tokens * tokens, hd * tokens);
       const index_t at = s * tokens * ld + h * hd;
       detail::host_attention_head_backward(tokens, hd, scale, qkv + at, qkv + at + dim, qkv + at + 2 * dim, ld,
                                            probs + task * tokens * tokens, d_out + s * tokens * dim + h * hd, dim,
@@ -155,17 +163,7 @@ struct backend_traits<backend::cpu> {
   /// key (ascending), in index order within a key; offsets[num_keys + 1] delimit the groups.
   static void group_by_key(const std::int32_t* keys, index_t n, index_t num_keys, index_t* order,
                            index_t* offsets) {
-    const auto valid = [&](index_t i) { return keys[i] >= 0 && keys[i] < num_keys; };
-    std::fill(offsets, offsets + num_keys + 1, index_t{0});
-    for (index_t i = 0; i < n; ++i)
-      if (valid(i)) ++offsets[keys[i] + 1];
-    for (index_t e = 0; e < num_keys; ++e) offsets[e + 1] += offsets[e];
-    // offsets[k] serves as the cursor of group k; afterwards it holds the end of group k,
-    // so one shift restores the starts. No scratch memory.
-    for (index_t i = 0; i < n; ++i)
-      if (valid(i)) order[offsets[keys[i]]++] = i;
-    for (index_t e = num_keys; e > 0; --e) offsets[e] = offsets[e - 1];
-    offsets[0] = 0;
+    detail::host_group_by_key(keys, n, num_keys, order, offsets);
   }
 
   template <class T>

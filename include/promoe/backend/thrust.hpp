@@ -9,11 +9,16 @@
 /// one-thread-per-element kernel through the functor mechanism runs them (correct, not fast).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include <thrust/binary_search.h>
 #include <thrust/copy.h>
+#include <thrust/device_free.h>
+#include <thrust/device_malloc.h>
 #include <thrust/device_vector.h>
 #include <thrust/execution_policy.h>
 #include <thrust/fill.h>
@@ -32,6 +37,7 @@
 
 #include "../core/error.hpp"
 #include "backend.hpp"
+#include "counting_sort.hpp"
 
 #if THRUST_DEVICE_SYSTEM != THRUST_DEVICE_SYSTEM_CUDA
 #include "host_gemm.hpp"
@@ -69,16 +75,85 @@ struct naive_gemm_functor {
   }
 };
 
+/// Thrust's temporary storage (sorts, reductions) from blocks that are kept and reused: the
+/// calling thread's blocks, the smallest free one that fits, else a new one. A training step
+/// asks for the same sizes every time, so after the first it allocates nothing (on a GPU, no
+/// cudaMalloc / cudaFree per sort; those synchronise the device).
+class temporary_allocator {
+ public:
+  using value_type = char;
+
+  char* allocate(std::ptrdiff_t bytes) {
+    block* best = nullptr;
+    for (block& b : blocks_)
+      if (!b.in_use && b.bytes >= bytes && (!best || b.bytes < best->bytes)) best = &b;
+    if (!best) {
+      const std::ptrdiff_t size = std::max<std::ptrdiff_t>(bytes, 256);
+      blocks_.push_back({::thrust::device_malloc<char>(static_cast<std::size_t>(size)), size, false});
+      best = &blocks_.back();
+    }
+    best->in_use = true;
+    return ::thrust::raw_pointer_cast(best->memory);
+  }
+  void deallocate(char* p, std::size_t) {
+    for (block& b : blocks_)
+      if (::thrust::raw_pointer_cast(b.memory) == p) b.in_use = false;
+  }
+  ~temporary_allocator() {
+    for (block& b : blocks_) {
+      try {
+        ::thrust::device_free(b.memory);
+      } catch (...) {
+        // at process exit the CUDA runtime may already be gone; the memory goes with it
+      }
+    }
+  }
+
+  /// The calling thread's allocator.
+  static temporary_allocator& of_this_thread() {
+    thread_local temporary_allocator a;
+    return a;
+  }
+
+ private:
+  struct block {
+    ::thrust::device_ptr<char> memory;
+    std::ptrdiff_t bytes;
+    bool in_use;
+  };
+  std::vector<block> blocks_;
+};
+
 /// The execution policy of work whose result stays on the device: on CUDA par_nosync (queued
 /// on the default stream, in order with the other launches and cuBLAS; the host goes on and
-/// meets the results at its next copy to the host), elsewhere thrust::device.
+/// meets the results at its next copy to the host), elsewhere thrust::device; temporary
+/// storage from temporary_allocator.
 inline auto queued() {
 #if THRUST_DEVICE_SYSTEM == THRUST_DEVICE_SYSTEM_CUDA
-  return ::thrust::cuda::par_nosync;
+  return ::thrust::cuda::par_nosync(temporary_allocator::of_this_thread());
 #else
-  return ::thrust::device;
+  return ::thrust::device(temporary_allocator::of_this_thread());
 #endif
 }
+
+/// The policy of work whose result the host reads right away (reductions): synchronous,
+/// temporary storage from temporary_allocator.
+inline auto synchronous() { return ::thrust::device(temporary_allocator::of_this_thread()); }
+
+/// Typed scratch of n elements from temporary_allocator for one scope.
+template <class U>
+class temporary_array {
+ public:
+  explicit temporary_array(index_t n)
+      : memory_(temporary_allocator::of_this_thread().allocate(static_cast<std::ptrdiff_t>(sizeof(U)) * n)) {}
+  ~temporary_array() { temporary_allocator::of_this_thread().deallocate(memory_, 0); }
+  temporary_array(const temporary_array&) = delete;
+  temporary_array& operator=(const temporary_array&) = delete;
+  ::thrust::device_ptr<U> begin() const { return ::thrust::device_pointer_cast(reinterpret_cast<U*>(memory_)); }
+
+ private:
+  char* memory_;
+};
 
 template <class T>
 struct is_not_finite {
@@ -178,26 +253,32 @@ struct backend_traits<backend::thrust> {
 #endif
   }
 
-  /// Stable grouping by key: keys outside [0, num_keys) become num_keys (so they sort last
-  /// and are dropped), one stable sort of (key, index) pairs, then a vectorised lower_bound
-  /// for the group offsets. (Mapping first also sidesteps host radix sorts that misorder
-  /// negative keys in some Thrust releases.)
+  /// Stable grouping by key. On a GPU: keys outside [0, num_keys) become num_keys (so they
+  /// sort last and are dropped), one stable sort of (key, index) pairs (the pairs and the
+  /// sort's temporary storage from temporary_allocator), then a vectorised lower_bound for the group
+  /// offsets. (Mapping first also sidesteps radix sorts that misorder negative keys in some
+  /// Thrust releases.) On host systems the host's counting sort: Thrust's host sorts take
+  /// temporary buffers of their own on every call.
   static void group_by_key(const std::int32_t* keys, index_t n, index_t num_keys, index_t* order,
                            index_t* offsets) {
+    if constexpr (host_accessible) {
+      detail::host_group_by_key(keys, n, num_keys, order, offsets);
+      return;
+    }
     auto k = ::thrust::device_pointer_cast(keys);
-    ::thrust::device_vector<std::int32_t> sorted(static_cast<std::size_t>(n));
-    ::thrust::transform(detail::queued(), k, k + n, sorted.begin(),
-                        detail::clamp_key{static_cast<std::int32_t>(num_keys)});
-    ::thrust::device_vector<index_t> idx(static_cast<std::size_t>(n));
-    ::thrust::sequence(detail::queued(), idx.begin(), idx.end());
-    ::thrust::stable_sort_by_key(detail::queued(), sorted.begin(), sorted.end(), idx.begin());
+    const detail::temporary_array<std::int32_t> sorted_keys(n);
+    const detail::temporary_array<index_t> indices(n);
+    const auto sorted = sorted_keys.begin();
+    const auto idx = indices.begin();
+    ::thrust::transform(detail::queued(), k, k + n, sorted, detail::clamp_key{static_cast<std::int32_t>(num_keys)});
+    ::thrust::sequence(detail::queued(), idx, idx + n);
+    ::thrust::stable_sort_by_key(detail::queued(), sorted, sorted + n, idx);
     auto off = ::thrust::device_pointer_cast(offsets);
-    ::thrust::lower_bound(detail::queued(), sorted.begin(), sorted.end(),
-                          ::thrust::counting_iterator<std::int32_t>(0),
+    ::thrust::lower_bound(detail::queued(), sorted, sorted + n, ::thrust::counting_iterator<std::int32_t>(0),
                           ::thrust::counting_iterator<std::int32_t>(static_cast<std::int32_t>(num_keys + 1)),
                           off);
     const index_t kept = off[num_keys];
-    ::thrust::copy_n(detail::queued(), idx.begin(), kept, ::thrust::device_pointer_cast(order));
+    ::thrust::copy_n(detail::queued(), idx, kept, ::thrust::device_pointer_cast(order));
   }
 
   template <class T>
@@ -221,13 +302,13 @@ struct backend_traits<backend::thrust> {
   static T sum(const T* p, index_t n) {
     if (n <= 0) return T(0);
     auto first = ::thrust::make_transform_iterator(::thrust::device_pointer_cast(p), detail::to_double<T>{});
-    return static_cast<T>(::thrust::reduce(::thrust::device, first, first + n, 0.0));
+    return static_cast<T>(::thrust::reduce(detail::synchronous(), first, first + n, 0.0));
   }
   template <class T>
   static index_t first_non_finite(const T* p, index_t n) {
     if (n <= 0) return -1;
     auto first = ::thrust::device_pointer_cast(p);
-    auto it = ::thrust::find_if(::thrust::device, first, first + n, detail::is_not_finite<T>{});
+    auto it = ::thrust::find_if(detail::synchronous(), first, first + n, detail::is_not_finite<T>{});
     return it == first + n ? index_t{-1} : static_cast<index_t>(it - first);
   }
 };
