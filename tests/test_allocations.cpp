@@ -78,16 +78,34 @@ void check_layer_step(Layer& layer, index_t samples, index_t tokens_per_sample) 
   CHECK(allocations_in([&] { layer.infer(x.cmatrix(), labels, y.matrix()); }) == 0);
 }
 
+/// A small ProMoE layer (conditional prototypical router, unconditional and shared experts,
+/// RCL) on backend Bk.
+template <class Bk>
+void check_promoe_step() {
+  typename promoe_layer<Bk, T>::config cfg;
+  cfg.dim = 24, cfg.routed_experts = 4, cfg.expert_hidden = 40, cfg.unconditional_experts = 1;
+  cfg.shared_experts = 1;
+  cfg.router.null_label = 10;
+  promoe_layer<Bk, T> layer(cfg, rng{3});
+  check_layer_step(layer, 6, 16);
+}
+
+/// A linear top-2 router with load balance and z-loss, SwiGLU experts, on backend Bk.
+template <class Bk>
+void check_top2_step() {
+  using layer_t = moe_layer<router::top_k, expert::swiglu, losses<loss::load_balance, loss::z_loss>, Bk, T>;
+  typename layer_t::config cfg;
+  cfg.dim = 24, cfg.routed_experts = 5, cfg.expert_hidden = 32, cfg.shared_experts = 1;
+  cfg.router = {.k = 2, .score = score_fn::softmax, .renormalize = true};
+  layer_t layer(cfg, rng{4});
+  check_layer_step(layer, 4, 16);
+}
+
 }  // namespace
 
 TEST_CASE("allocations: a training step of each MoE layer kind allocates nothing once sized", "[alloc]") {
   SECTION("ProMoE (conditional prototypical router, unconditional and shared experts, RCL)") {
-    promoe_layer<B, T>::config cfg;
-    cfg.dim = 24, cfg.routed_experts = 4, cfg.expert_hidden = 40, cfg.unconditional_experts = 1;
-    cfg.shared_experts = 1;
-    cfg.router.null_label = 10;
-    promoe_layer<B, T> layer(cfg, rng{3});
-    check_layer_step(layer, 6, 16);
+    check_promoe_step<B>();
   }
   SECTION("ProMoE-S sizes: GEMM packing buffers beyond Eigen's stack limit") {
     promoe_layer<B, T>::config cfg;
@@ -97,14 +115,7 @@ TEST_CASE("allocations: a training step of each MoE layer kind allocates nothing
     promoe_layer<B, T> layer(cfg, rng{8});
     check_layer_step(layer, 4, 128);
   }
-  SECTION("linear top-2 router with load balance and z-loss, SwiGLU experts") {
-    using layer_t = moe_layer<router::top_k, expert::swiglu, losses<loss::load_balance, loss::z_loss>, B, T>;
-    layer_t::config cfg;
-    cfg.dim = 24, cfg.routed_experts = 5, cfg.expert_hidden = 32, cfg.shared_experts = 1;
-    cfg.router = {.k = 2, .score = score_fn::softmax, .renormalize = true};
-    layer_t layer(cfg, rng{4});
-    check_layer_step(layer, 4, 16);
-  }
+  SECTION("linear top-2 router with load balance and z-loss, SwiGLU experts") { check_top2_step<B>(); }
   SECTION("expert choice") {
     using layer_t = moe_layer<router::expert_choice, expert::mlp<act::gelu_tanh>, losses<>, B, T>;
     layer_t::config cfg;
@@ -221,22 +232,8 @@ TEST_CASE("allocations: the thrust backend's MoE and DiT steps allocate nothing 
     return;
   }
 #endif
-  SECTION("ProMoE layer") {
-    promoe_layer<Th, T>::config cfg;
-    cfg.dim = 24, cfg.routed_experts = 4, cfg.expert_hidden = 40, cfg.unconditional_experts = 1;
-    cfg.shared_experts = 1;
-    cfg.router.null_label = 10;
-    promoe_layer<Th, T> layer(cfg, rng{3});
-    check_layer_step(layer, 6, 16);
-  }
-  SECTION("linear top-2 router with load balance and z-loss") {
-    using layer_t = moe_layer<router::top_k, expert::swiglu, losses<loss::load_balance, loss::z_loss>, Th, T>;
-    layer_t::config cfg;
-    cfg.dim = 24, cfg.routed_experts = 5, cfg.expert_hidden = 32, cfg.shared_experts = 1;
-    cfg.router = {.k = 2, .score = score_fn::softmax, .renormalize = true};
-    layer_t layer(cfg, rng{4});
-    check_layer_step(layer, 4, 16);
-  }
+  SECTION("ProMoE layer") { check_promoe_step<Th>(); }
+  SECTION("linear top-2 router with load balance and z-loss") { check_top2_step<Th>(); }
   SECTION("DiT training step") { check_dit_step<Th>(); }
 }
 #endif
