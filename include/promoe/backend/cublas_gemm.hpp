@@ -62,6 +62,17 @@ void cublas_gemm_strided_batched(transpose ta, transpose tb, index_t m, index_t 
   cublasHandle_t h = cublas_handle();
   const auto sa = static_cast<long long>(stride_a), sb = static_cast<long long>(stride_b),
              sc = static_cast<long long>(stride_c);
+  // cuBLAS's S or D GEMM, plain or strided-batched.
+  const auto run_gemm = [&](auto plain, auto batched, const char* plain_name, const char* batched_name) {
+    if (batch == 1) {
+      cublas_check(plain(h, opb, opa, i32(n), i32(m), i32(k), &alpha, b, i32(ldb), a, i32(lda), &beta, c, i32(ldc)),
+                   plain_name, m, n, k);
+    } else {
+      cublas_check(batched(h, opb, opa, i32(n), i32(m), i32(k), &alpha, b, i32(ldb), sb, a, i32(lda), sa, &beta, c,
+                           i32(ldc), sc, i32(batch)),
+                   batched_name, m, n, k);
+    }
+  };
   if constexpr (std::is_same_v<T, float>) {
     if (get_matmul_precision() == matmul_precision::bf16) {
       // bf16 tensor cores: operands converted to bf16, float32 accumulation and output.
@@ -78,25 +89,9 @@ void cublas_gemm_strided_batched(transpose ta, transpose tb, index_t m, index_t 
       }
       return;
     }
-    if (batch == 1) {
-      cublas_check(
-          cublasSgemm(h, opb, opa, i32(n), i32(m), i32(k), &alpha, b, i32(ldb), a, i32(lda), &beta, c, i32(ldc)),
-          "cublasSgemm", m, n, k);
-    } else {
-      cublas_check(cublasSgemmStridedBatched(h, opb, opa, i32(n), i32(m), i32(k), &alpha, b, i32(ldb), sb, a, i32(lda),
-                                             sa, &beta, c, i32(ldc), sc, i32(batch)),
-                   "cublasSgemmStridedBatched", m, n, k);
-    }
+    run_gemm(cublasSgemm, cublasSgemmStridedBatched, "cublasSgemm", "cublasSgemmStridedBatched");
   } else {
-    if (batch == 1) {
-      cublas_check(
-          cublasDgemm(h, opb, opa, i32(n), i32(m), i32(k), &alpha, b, i32(ldb), a, i32(lda), &beta, c, i32(ldc)),
-          "cublasDgemm", m, n, k);
-    } else {
-      cublas_check(cublasDgemmStridedBatched(h, opb, opa, i32(n), i32(m), i32(k), &alpha, b, i32(ldb), sb, a, i32(lda),
-                                             sa, &beta, c, i32(ldc), sc, i32(batch)),
-                   "cublasDgemmStridedBatched", m, n, k);
-    }
+    run_gemm(cublasDgemm, cublasDgemmStridedBatched, "cublasDgemm", "cublasDgemmStridedBatched");
   }
 }
 
