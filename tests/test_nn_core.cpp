@@ -345,6 +345,62 @@ TEMPLATE_LIST_TEST_CASE("modulate and gated_residual match the float64 reference
   }
 }
 
+TEMPLATE_LIST_TEST_CASE("layer_norm::forward_modulated / backward_modulated: LayerNorm and modulate in one pass",
+                        "[nn][layer_norm][modulate]", test_configs) {
+  using B = typename TestType::backend;
+  using T = typename TestType::scalar;
+  for (const block_sizes& bs : awkward_block_sizes()) {
+    const index_t samples = bs.samples, tokens = bs.tokens, d = bs.dim;
+    CAPTURE(samples, tokens, d);
+    const index_t n = samples * tokens, ld = 6 * d;
+    const hvec adah = rounded<T>(random_vector<double>(static_cast<std::size_t>(samples * ld), 31 + n + d, 0.8));
+    const hvec xh = rounded<T>(random_vector<double>(static_cast<std::size_t>(n * d), 32 + n + d, 2.0));
+    auto ada = to_device<B>(cast<T>(adah), {samples, ld});
+    auto x = to_device<B>(cast<T>(xh), {n, d});
+    const auto shift = ada.cmatrix().col_block(3 * d, d), scale = ada.cmatrix().col_block(4 * d, d);
+    nn::layer_norm<T, B> ln(d);
+    // the two-pass composition
+    typename nn::layer_norm<T, B>::cache c2;
+    tensor<T, B> y2({n, d});
+    ln.forward(x.cmatrix(), y2.matrix(), c2);
+    nn::modulate<T, B>::forward(y2.cmatrix(), shift, scale, tokens, y2.matrix());
+    // fused: the same operations per element, so the same values to the bit; the same cache
+    typename nn::layer_norm<T, B>::cache c1;
+    tensor<T, B> y1({n, d});
+    ln.forward_modulated(x.cmatrix(), shift, scale, tokens, y1.matrix(), c1);
+    CHECK(y1.to_host() == y2.to_host());
+    CHECK(c1.xhat.to_host() == c2.xhat.to_host());
+    CHECK(c1.rstd.to_host() == c2.rstd.to_host());
+    // backward: modulate's dx into LayerNorm's backward, or both at once (the same values up
+    // to rounding: the compiler may contract dy * (1 + scale) into the next FMA)
+    const hvec gh = rounded<T>(random_vector<double>(static_cast<std::size_t>(n * d), 33 + n + d, 1.0));
+    auto dy = to_device<B>(cast<T>(gh), {n, d});
+    tensor<T, B> dln({n, d}), dx2({n, d}), dx1({n, d});
+    dln.fill(T(0)), dx2.fill(T(0.5)), dx1.fill(T(0.5));
+    nn::modulate<T, B>::backward(c2.xhat.cmatrix(), scale, tokens, dy.cmatrix(), dln.matrix(), {}, {});
+    ln.backward(c2, dln.cmatrix(), dx2.matrix());
+    ln.backward_modulated(c1, scale, tokens, dy.cmatrix(), dx1.matrix());
+    CHECK(relative_error(dx1.to_host(), to_double(dx2.to_host())) < promoe_test::tolerance<T>());
+    // in place
+    ln.forward_modulated(x.cmatrix(), shift, scale, tokens, x.matrix(), c1);
+    CHECK(x.to_host() == y2.to_host());
+  }
+  // shapes: shift / scale rows must be the samples, columns D
+  nn::layer_norm<T, B> ln(4);
+  typename nn::layer_norm<T, B>::cache c;
+  tensor<T, B> x({6, 4}), y({6, 4}), mod({2, 8}), bad({3, 8});
+  x.fill(T(1)), mod.fill(T(0)), bad.fill(T(0));
+  const auto ok = mod.cmatrix();
+  CHECK_THROWS_WITH(ln.forward_modulated(x.cmatrix(), bad.cmatrix().col_block(0, 4), bad.cmatrix().col_block(4, 4), 3,
+                                         y.matrix(), c),
+                    Catch::Contains("shift is [3, 4], expected [2, 4]"));
+  CHECK_THROWS_WITH(ln.forward_modulated(x.cmatrix(), ok.col_block(0, 4), ok.col_block(4, 3), 3, y.matrix(), c),
+                    Catch::Contains("scale is [2, 3], expected [2, 4]"));
+  CHECK_NOTHROW(ln.forward_modulated(x.cmatrix(), ok.col_block(0, 4), ok.col_block(4, 4), 3, y.matrix(), c));
+  CHECK_THROWS_WITH(ln.backward_modulated(c, bad.cmatrix().col_block(4, 4), 3, y.cmatrix(), x.matrix()),
+                    Catch::Contains("scale is [3, 4], expected [2, 4]"));
+}
+
 TEMPLATE_LIST_TEST_CASE("modulate and gated_residual: finite differences", "[nn][modulate][gradients]",
                         test_backends) {
   using B = TestType;

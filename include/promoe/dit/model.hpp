@@ -95,7 +95,7 @@ class dit_model {
     tensor<T, B> out_tokens;       ///< [n, p*p*C_out]
     std::vector<T> aux;            ///< per block auxiliary loss
     // backward scratch
-    tensor<T, B> dx, dtok, dh, dln, dmod, dc, dc_act, dm, dscratch, ones;
+    tensor<T, B> dx, dtok, dh, dmod, dc, dc_act, dm, dscratch, ones;
   };
 
   dit_model(const dit_config& cfg, const moe_config& moe_cfg, rng& gen) : cfg_(checked(cfg)) {
@@ -315,14 +315,12 @@ class dit_model {
     const auto mod = k.mod.cmatrix();
     for (auto* t : {&k.h1, &k.a, &k.x_mid, &k.h2, &k.m}) t->resize({rows, d});
     // attention branch
-    b_norm(d).forward(x, k.h1.matrix(), k.norm1);
-    nn::modulate<T, B>::forward(k.h1.cmatrix(), mod.col_block(0, d), mod.col_block(d, d), tokens, k.h1.matrix());
+    b_norm(d).forward_modulated(x, mod.col_block(0, d), mod.col_block(d, d), tokens, k.h1.matrix(), k.norm1);
     b.attn.forward(k.h1.cmatrix(), tokens, k.a.matrix(), k.attn);
     nn::gated_residual<T, B>::forward(x, mod.col_block(2 * d, d), k.a.cmatrix(), tokens, k.x_mid.matrix());
     // MLP branch
-    b_norm(d).forward(k.x_mid.cmatrix(), k.h2.matrix(), k.norm2);
-    nn::modulate<T, B>::forward(k.h2.cmatrix(), mod.col_block(3 * d, d), mod.col_block(4 * d, d), tokens,
-                                k.h2.matrix());
+    b_norm(d).forward_modulated(k.x_mid.cmatrix(), mod.col_block(3 * d, d), mod.col_block(4 * d, d), tokens,
+                                k.h2.matrix(), k.norm2);
     if (b.dense) {
       k.mlp_act.resize({rows, 2 * cfg_.mlp_hidden()});
       b.dense->forward(0, k.h2.cmatrix(), k.mlp_act.matrix(), k.m.matrix(), false);
@@ -347,7 +345,7 @@ class dit_model {
     c.dmod.resize({n, 6 * d});
     c.dmod.fill(T(0));
     const auto dmod = c.dmod.matrix();
-    for (auto* t : {&c.dm, &c.dh, &c.dln}) t->resize({rows, d});
+    for (auto* t : {&c.dm, &c.dh}) t->resize({rows, d});
     // x_out = x_mid + gate_mlp * m: dx (the residual) flows on; dm, dgate_mlp
     c.dm.fill(T(0));
     nn::gated_residual<T, B>::backward(mod.col_block(5 * d, d), k.m.cmatrix(), tokens, c.dx.cmatrix(), {},
@@ -361,20 +359,19 @@ class dit_model {
     } else if constexpr (has_moe) {
       b.moe->backward(c.dm.cmatrix(), k.moe, c.dh.matrix());
     }
-    c.dln.fill(T(0));
-    nn::modulate<T, B>::backward(k.norm2.xhat.cmatrix(), mod.col_block(4 * d, d), tokens, c.dh.cmatrix(),
-                                 c.dln.matrix(), dmod.col_block(3 * d, d), dmod.col_block(4 * d, d));
-    b_norm(d).backward(k.norm2, c.dln.cmatrix(), c.dx.matrix());
+    // h2 = modulate(norm2(x_mid)): shift/scale gradients, then LayerNorm's with dh * (1 + scale)
+    nn::modulate<T, B>::backward(k.norm2.xhat.cmatrix(), mod.col_block(4 * d, d), tokens, c.dh.cmatrix(), {},
+                                 dmod.col_block(3 * d, d), dmod.col_block(4 * d, d));
+    b_norm(d).backward_modulated(k.norm2, mod.col_block(4 * d, d), tokens, c.dh.cmatrix(), c.dx.matrix());
     // x_mid = x + gate_msa * a
     c.dm.fill(T(0));  // reused as d(attention output)
     nn::gated_residual<T, B>::backward(mod.col_block(2 * d, d), k.a.cmatrix(), tokens, c.dx.cmatrix(), {},
                                        c.dm.matrix(), dmod.col_block(2 * d, d));
     c.dh.fill(T(0));
     b.attn.backward(k.attn, k.h1.cmatrix(), c.dm.cmatrix(), c.dh.matrix());
-    c.dln.fill(T(0));
-    nn::modulate<T, B>::backward(k.norm1.xhat.cmatrix(), mod.col_block(d, d), tokens, c.dh.cmatrix(), c.dln.matrix(),
+    nn::modulate<T, B>::backward(k.norm1.xhat.cmatrix(), mod.col_block(d, d), tokens, c.dh.cmatrix(), {},
                                  dmod.col_block(0, d), dmod.col_block(d, d));
-    b_norm(d).backward(k.norm1, c.dln.cmatrix(), c.dx.matrix());
+    b_norm(d).backward_modulated(k.norm1, mod.col_block(d, d), tokens, c.dh.cmatrix(), c.dx.matrix());
     // adaLN_modulation.1 on SiLU(c)
     b.adaLN.backward(c.c_act.cmatrix(), c.dmod.cmatrix(), c.dc_act.matrix(), c.ones.data());
   }

@@ -55,7 +55,7 @@ class final_layer {
     tensor<T, B> act;                       ///< [N, D] SiLU(c) (input of adaLN_modulation.1)
     tensor<T, B> mod;                       ///< [N, 2D] shift | scale
     tensor<T, B> xmod;                      ///< [N*T, D] modulated tokens (input of linear)
-    tensor<T, B> dxmod, dxhat, dmod, dact;  ///< backward scratch
+    tensor<T, B> dxmod, dmod, dact;  ///< backward scratch
     tensor<T, B> ones;                      ///< at least N*T ones (bias gradients)
     index_t samples = 0, tokens = 0;        ///< N and T of the last forward
   };
@@ -99,13 +99,14 @@ class final_layer {
     k.act.resize({n, dim_});
     k.mod.resize({n, 2 * dim_});
     k.xmod.resize({x.rows, dim_});
-    norm.forward(x, k.xmod.matrix(), k.norm);
-    if (n == 0 || tokens == 0) return;
+    if (n == 0 || tokens == 0) {
+      norm.forward(x, k.xmod.matrix(), k.norm);
+      return;
+    }
     backend_traits<B>::parallel_for(n, act::apply_rows_functor<act::silu, T>{c.data, c.ld, k.act.data(), dim_, dim_});
     modulation.forward(k.act.cmatrix(), k.mod.matrix());
     const const_matrix_view<T> mod = k.mod.cmatrix();
-    modulate<T, B>::forward(k.xmod.cmatrix(), mod.col_block(0, dim_), mod.col_block(dim_, dim_), tokens,
-                            k.xmod.matrix());
+    norm.forward_modulated(x, mod.col_block(0, dim_), mod.col_block(dim_, dim_), tokens, k.xmod.matrix(), k.norm);
     output.forward(k.xmod.cmatrix(), y);
   }
 
@@ -133,20 +134,15 @@ class final_layer {
     k.dxmod.resize({rows, dim_});
     k.dxmod.fill(T(0));
     output.backward(k.xmod.cmatrix(), dy, k.dxmod.matrix(), k.ones.data());
-    // modulate: dxhat = dxmod * (1 + scale), dshift, dscale summed over each sample's tokens
+    // modulate: dshift, dscale summed over each sample's tokens; LayerNorm's backward takes
+    // dxhat = dxmod * (1 + scale) on the fly
     k.dmod.resize({n, 2 * dim_});
     k.dmod.fill(T(0));
-    matrix_view<T> dxhat{};
-    if (dx.data) {
-      k.dxhat.resize({rows, dim_});
-      k.dxhat.fill(T(0));
-      dxhat = k.dxhat.matrix();
-    }
     const const_matrix_view<T> mod = k.mod.cmatrix();
     const matrix_view<T> dmod = k.dmod.matrix();
-    modulate<T, B>::backward(k.norm.xhat.cmatrix(), mod.col_block(dim_, dim_), tokens, k.dxmod.cmatrix(), dxhat,
+    modulate<T, B>::backward(k.norm.xhat.cmatrix(), mod.col_block(dim_, dim_), tokens, k.dxmod.cmatrix(), {},
                              dmod.col_block(0, dim_), dmod.col_block(dim_, dim_));
-    if (dx.data) norm.backward(k.norm, k.dxhat.cmatrix(), dx);
+    if (dx.data) norm.backward_modulated(k.norm, mod.col_block(dim_, dim_), tokens, k.dxmod.cmatrix(), dx);
     // adaLN_modulation.1: dW, db; dact = dmod W; dc += dact * SiLU'(c)
     matrix_view<T> dact{};
     if (dc.data) {

@@ -21,7 +21,9 @@ namespace promoe::nn {
 
 namespace detail {
 
-/// Row r: mean, biased variance (two passes), y = xhat = (x - mean) * rstd, also into the cache.
+/// Row r: mean, biased variance (two passes), xhat = (x - mean) * rstd into the cache, and
+/// y = xhat, or with `shift` given y = xhat * (1 + scale[sample]) + shift[sample] (DiT's
+/// modulate(norm(x)) in the same pass; sample = r / tokens).
 template <class T>
 struct layer_norm_forward_functor {
   const T* x;  // [n, d], leading dimension ldx
@@ -33,6 +35,11 @@ struct layer_norm_forward_functor {
   T* rstd;  // [n]
   index_t d;
   T eps;
+  const T* shift = nullptr;  // [S, d], leading dimension ldsh; null: no modulation
+  index_t ldsh = 0;
+  const T* scale = nullptr;  // [S, d], leading dimension ldsc
+  index_t ldsc = 0;
+  index_t tokens = 1;
 
   PROMOE_HOST_DEVICE void operator()(index_t r) const {
     using std::sqrt;
@@ -42,17 +49,29 @@ struct layer_norm_forward_functor {
     const T rs = T(1) / sqrt(v / T(d) + eps);
     T* yr = y + r * ldy;
     T* hr = xhat + r * d;
-    for (index_t j = 0; j < d; ++j) {
-      const T h = (xr[j] - m) * rs;
-      hr[j] = h;
-      yr[j] = h;
+    if (shift) {
+      const T* sh = shift + (r / tokens) * ldsh;
+      const T* sc = scale + (r / tokens) * ldsc;
+      for (index_t j = 0; j < d; ++j) {
+        const T h = (xr[j] - m) * rs;
+        hr[j] = h;
+        yr[j] = h * (T(1) + sc[j]) + sh[j];
+      }
+    } else {
+      for (index_t j = 0; j < d; ++j) {
+        const T h = (xr[j] - m) * rs;
+        hr[j] = h;
+        yr[j] = h;
+      }
     }
     mean[r] = m;
     rstd[r] = rs;
   }
 };
 
-/// Row r: dx += rstd * (dy - mean(dy) - xhat * mean(dy * xhat)).
+/// Row r: dx += rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy, or with `scale`
+/// given g = dy * (1 + scale[sample]) (the gradient through DiT's modulate, formed on the fly;
+/// sample = r / tokens).
 template <class T>
 struct layer_norm_backward_functor {
   const T* xhat;  // [n, d] contiguous
@@ -62,15 +81,27 @@ struct layer_norm_backward_functor {
   T* dx;  // [n, d], leading dimension lddx
   index_t lddx;
   index_t d;
+  const T* scale = nullptr;  // [S, d], leading dimension ldsc; null: no modulation
+  index_t ldsc = 0;
+  index_t tokens = 1;
 
   PROMOE_HOST_DEVICE void operator()(index_t r) const {
+    if (scale) {
+      const T* sc = scale + (r / tokens) * ldsc;
+      row(r, [gr = dy + r * lddy, sc](index_t j) { return gr[j] * (T(1) + sc[j]); });
+    } else {
+      row(r, [gr = dy + r * lddy](index_t j) { return gr[j]; });
+    }
+  }
+
+  template <class G>
+  PROMOE_HOST_DEVICE void row(index_t r, G g) const {
     const T* hr = xhat + r * d;
-    const T* gr = dy + r * lddy;
-    const T sg = lane_sum<T>(d, [gr](index_t j) { return gr[j]; });
-    const T sgh = lane_sum<T>(d, [gr, hr](index_t j) { return gr[j] * hr[j]; });
+    const T sg = lane_sum<T>(d, g);
+    const T sgh = lane_sum<T>(d, [g, hr](index_t j) { return g(j) * hr[j]; });
     const T mg = sg / T(d), mgh = sgh / T(d), rs = rstd[r];
     T* dr = dx + r * lddx;
-    for (index_t j = 0; j < d; ++j) dr[j] += rs * (gr[j] - mg - hr[j] * mgh);
+    for (index_t j = 0; j < d; ++j) dr[j] += rs * (g(j) - mg - hr[j] * mgh);
   }
 };
 
@@ -110,6 +141,32 @@ class layer_norm {
                                                  c.rstd.data(), dim_, static_cast<T>(eps_)});
   }
 
+  /// DiT's modulate(LayerNorm(x), shift, scale) in one pass: y [n, D] = xhat * (1 + scale) +
+  /// shift, with shift and scale per sample ([S, D] views, e.g. column blocks of the adaLN
+  /// output) and x's rows grouped in samples of `tokens` rows (n = S * tokens). The cache
+  /// holds xhat as forward's does (nn::modulate::backward takes it as its input); y may be x.
+  void forward_modulated(const_matrix_view<T> x, const_matrix_view<T> shift, const_matrix_view<T> scale,
+                         index_t tokens, matrix_view<T> y, cache& c) const {
+    PROMOE_CHECK(x.cols == dim_, "nn::layer_norm::forward_modulated: x is [", x.rows, ", ", x.cols, "], expected [n, ",
+                 dim_, "]");
+    PROMOE_CHECK(y.rows == x.rows && y.cols == dim_, "nn::layer_norm::forward_modulated: y is [", y.rows, ", ", y.cols,
+                 "], expected [", x.rows, ", ", dim_, "] (the shape of x)");
+    PROMOE_CHECK(tokens >= 1 && x.rows == shift.rows * tokens && shift.cols == dim_,
+                 "nn::layer_norm::forward_modulated: shift is [", shift.rows, ", ", shift.cols, "], expected [",
+                 tokens >= 1 ? x.rows / tokens : 0, ", ", dim_, "] (one row per sample of ", tokens, " tokens)");
+    PROMOE_CHECK(scale.rows == shift.rows && scale.cols == dim_, "nn::layer_norm::forward_modulated: scale is [",
+                 scale.rows, ", ", scale.cols, "], expected [", shift.rows, ", ", dim_, "] (the shape of shift)");
+    const index_t n = x.rows;
+    c.xhat.resize({n, dim_});
+    c.mean.resize({n});
+    c.rstd.resize({n});
+    if (n == 0) return;
+    backend_traits<B>::parallel_for(
+        n, detail::layer_norm_forward_functor<T>{x.data, x.ld, y.data, y.ld, c.xhat.data(), c.mean.data(),
+                                                 c.rstd.data(), dim_, static_cast<T>(eps_), shift.data, shift.ld,
+                                                 scale.data, scale.ld, tokens});
+  }
+
   /// dx [n, D] += dL/dx given dy [n, D] = dL/dy and the cache of the matching forward.
   void backward(const cache& c, const_matrix_view<T> dy, matrix_view<T> dx) const {
     const index_t n = c.xhat.rank() == 2 ? c.xhat.dim(0) : 0;
@@ -122,6 +179,28 @@ class layer_norm {
     if (n == 0) return;
     backend_traits<B>::parallel_for(n, detail::layer_norm_backward_functor<T>{c.xhat.data(), c.rstd.data(), dy.data,
                                                                               dy.ld, dx.data, dx.ld, dim_});
+  }
+
+  /// The backward of forward_modulated's LayerNorm part: dx [n, D] += dL/dx given dy = dL/dy
+  /// of the modulated output and the forward's scale (dL/dxhat = dy * (1 + scale) is formed
+  /// on the fly). shift's and scale's own gradients are nn::modulate::backward's (with an
+  /// empty dx).
+  void backward_modulated(const cache& c, const_matrix_view<T> scale, index_t tokens, const_matrix_view<T> dy,
+                          matrix_view<T> dx) const {
+    const index_t n = c.xhat.rank() == 2 ? c.xhat.dim(0) : 0;
+    PROMOE_CHECK(c.xhat.rank() == 2 && c.xhat.dim(1) == dim_,
+                 "nn::layer_norm::backward_modulated: the cache holds no forward of this module (run forward first)");
+    PROMOE_CHECK(dy.rows == n && dy.cols == dim_, "nn::layer_norm::backward_modulated: dy is [", dy.rows, ", ",
+                 dy.cols, "], expected [", n, ", ", dim_, "] (the forward's shape)");
+    PROMOE_CHECK(dx.rows == n && dx.cols == dim_, "nn::layer_norm::backward_modulated: dx is [", dx.rows, ", ",
+                 dx.cols, "], expected [", n, ", ", dim_, "] (the forward's shape)");
+    PROMOE_CHECK(tokens >= 1 && n == scale.rows * tokens && scale.cols == dim_,
+                 "nn::layer_norm::backward_modulated: scale is [", scale.rows, ", ", scale.cols, "], expected [",
+                 tokens >= 1 ? n / tokens : 0, ", ", dim_, "] (one row per sample of ", tokens, " tokens)");
+    if (n == 0) return;
+    backend_traits<B>::parallel_for(
+        n, detail::layer_norm_backward_functor<T>{c.xhat.data(), c.rstd.data(), dy.data, dy.ld, dx.data, dx.ld, dim_,
+                                                  scale.data, scale.ld, tokens});
   }
 
   /// No parameters (elementwise_affine=False); present so every module can be visited alike.
