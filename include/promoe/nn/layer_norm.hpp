@@ -128,17 +128,7 @@ class layer_norm {
 
   /// y [n, D] = LayerNorm(x [n, D]); y may be x itself (in place).
   void forward(const_matrix_view<T> x, matrix_view<T> y, cache& c) const {
-    PROMOE_CHECK(x.cols == dim_, "nn::layer_norm: x is [", x.rows, ", ", x.cols, "], expected [n, ", dim_, "]");
-    PROMOE_CHECK(y.rows == x.rows && y.cols == dim_, "nn::layer_norm: y is [", y.rows, ", ", y.cols, "], expected [",
-                 x.rows, ", ", dim_, "] (the shape of x)");
-    const index_t n = x.rows;
-    c.xhat.resize({n, dim_});
-    c.mean.resize({n});
-    c.rstd.resize({n});
-    if (n == 0) return;
-    backend_traits<B>::parallel_for(
-        n, detail::layer_norm_forward_functor<T>{x.data, x.ld, y.data, y.ld, c.xhat.data(), c.mean.data(),
-                                                 c.rstd.data(), dim_, static_cast<T>(eps_)});
+    forward_("nn::layer_norm", x, y, c, {}, {}, 1);
   }
 
   /// DiT's modulate(LayerNorm(x), shift, scale) in one pass: y [n, D] = xhat * (1 + scale) +
@@ -147,15 +137,47 @@ class layer_norm {
   /// holds xhat as forward's does (nn::modulate::backward takes it as its input); y may be x.
   void forward_modulated(const_matrix_view<T> x, const_matrix_view<T> shift, const_matrix_view<T> scale,
                          index_t tokens, matrix_view<T> y, cache& c) const {
-    PROMOE_CHECK(x.cols == dim_, "nn::layer_norm::forward_modulated: x is [", x.rows, ", ", x.cols, "], expected [n, ",
-                 dim_, "]");
-    PROMOE_CHECK(y.rows == x.rows && y.cols == dim_, "nn::layer_norm::forward_modulated: y is [", y.rows, ", ", y.cols,
-                 "], expected [", x.rows, ", ", dim_, "] (the shape of x)");
-    PROMOE_CHECK(tokens >= 1 && x.rows == shift.rows * tokens && shift.cols == dim_,
-                 "nn::layer_norm::forward_modulated: shift is [", shift.rows, ", ", shift.cols, "], expected [",
-                 tokens >= 1 ? x.rows / tokens : 0, ", ", dim_, "] (one row per sample of ", tokens, " tokens)");
-    PROMOE_CHECK(scale.rows == shift.rows && scale.cols == dim_, "nn::layer_norm::forward_modulated: scale is [",
-                 scale.rows, ", ", scale.cols, "], expected [", shift.rows, ", ", dim_, "] (the shape of shift)");
+    const char* fn = "nn::layer_norm::forward_modulated";
+    check_per_sample_(fn, "shift", shift, x.rows, tokens);
+    check_per_sample_(fn, "scale", scale, x.rows, tokens);
+    forward_(fn, x, y, c, shift, scale, tokens);
+  }
+
+  /// dx [n, D] += dL/dx given dy [n, D] = dL/dy and the cache of the matching forward.
+  void backward(const cache& c, const_matrix_view<T> dy, matrix_view<T> dx) const {
+    backward_("nn::layer_norm::backward", c, dy, dx, {}, 1);
+  }
+
+  /// The backward of forward_modulated's LayerNorm part: dx [n, D] += dL/dx given dy = dL/dy
+  /// of the modulated output and the forward's scale (dL/dxhat = dy * (1 + scale) is formed
+  /// on the fly). shift's and scale's own gradients are nn::modulate::backward's (with an
+  /// empty dx).
+  void backward_modulated(const cache& c, const_matrix_view<T> scale, index_t tokens, const_matrix_view<T> dy,
+                          matrix_view<T> dx) const {
+    const char* fn = "nn::layer_norm::backward_modulated";
+    check_per_sample_(fn, "scale", scale, c.xhat.rank() == 2 ? c.xhat.dim(0) : 0, tokens);
+    backward_(fn, c, dy, dx, scale, tokens);
+  }
+
+  /// No parameters (elementwise_affine=False); present so every module can be visited alike.
+  template <class F>
+  void for_each_parameter(const std::string&, F&&) {}
+  void zero_grad() {}
+
+ private:
+  /// A per-sample [S, D] view for n token rows in samples of `tokens`.
+  void check_per_sample_(const char* fn, const char* what, const_matrix_view<T> v, index_t n, index_t tokens) const {
+    PROMOE_CHECK(tokens >= 1 && n == v.rows * tokens && v.cols == dim_, fn, ": ", what, " is [", v.rows, ", ", v.cols,
+                 "], expected [", tokens >= 1 ? n / tokens : 0, ", ", dim_, "] (one row per sample of ", tokens,
+                 " tokens)");
+  }
+
+  /// forward / forward_modulated (shift.data null: no modulation).
+  void forward_(const char* fn, const_matrix_view<T> x, matrix_view<T> y, cache& c, const_matrix_view<T> shift,
+                const_matrix_view<T> scale, index_t tokens) const {
+    PROMOE_CHECK(x.cols == dim_, fn, ": x is [", x.rows, ", ", x.cols, "], expected [n, ", dim_, "]");
+    PROMOE_CHECK(y.rows == x.rows && y.cols == dim_, fn, ": y is [", y.rows, ", ", y.cols, "], expected [", x.rows,
+                 ", ", dim_, "] (the shape of x)");
     const index_t n = x.rows;
     c.xhat.resize({n, dim_});
     c.mean.resize({n});
@@ -167,48 +189,22 @@ class layer_norm {
                                                  scale.data, scale.ld, tokens});
   }
 
-  /// dx [n, D] += dL/dx given dy [n, D] = dL/dy and the cache of the matching forward.
-  void backward(const cache& c, const_matrix_view<T> dy, matrix_view<T> dx) const {
+  /// backward / backward_modulated (scale.data null: no modulation).
+  void backward_(const char* fn, const cache& c, const_matrix_view<T> dy, matrix_view<T> dx,
+                 const_matrix_view<T> scale, index_t tokens) const {
     const index_t n = c.xhat.rank() == 2 ? c.xhat.dim(0) : 0;
-    PROMOE_CHECK(c.xhat.rank() == 2 && c.xhat.dim(1) == dim_,
-                 "nn::layer_norm::backward: the cache holds no forward of this module (run forward first)");
-    PROMOE_CHECK(dy.rows == n && dy.cols == dim_, "nn::layer_norm::backward: dy is [", dy.rows, ", ", dy.cols,
-                 "], expected [", n, ", ", dim_, "] (the forward's shape)");
-    PROMOE_CHECK(dx.rows == n && dx.cols == dim_, "nn::layer_norm::backward: dx is [", dx.rows, ", ", dx.cols,
-                 "], expected [", n, ", ", dim_, "] (the forward's shape)");
+    PROMOE_CHECK(c.xhat.rank() == 2 && c.xhat.dim(1) == dim_, fn,
+                 ": the cache holds no forward of this module (run forward first)");
+    PROMOE_CHECK(dy.rows == n && dy.cols == dim_, fn, ": dy is [", dy.rows, ", ", dy.cols, "], expected [", n, ", ",
+                 dim_, "] (the forward's shape)");
+    PROMOE_CHECK(dx.rows == n && dx.cols == dim_, fn, ": dx is [", dx.rows, ", ", dx.cols, "], expected [", n, ", ",
+                 dim_, "] (the forward's shape)");
     if (n == 0) return;
     backend_traits<B>::parallel_for(n, detail::layer_norm_backward_functor<T>{c.xhat.data(), c.rstd.data(), dy.data,
-                                                                              dy.ld, dx.data, dx.ld, dim_});
+                                                                              dy.ld, dx.data, dx.ld, dim_, scale.data,
+                                                                              scale.ld, tokens});
   }
 
-  /// The backward of forward_modulated's LayerNorm part: dx [n, D] += dL/dx given dy = dL/dy
-  /// of the modulated output and the forward's scale (dL/dxhat = dy * (1 + scale) is formed
-  /// on the fly). shift's and scale's own gradients are nn::modulate::backward's (with an
-  /// empty dx).
-  void backward_modulated(const cache& c, const_matrix_view<T> scale, index_t tokens, const_matrix_view<T> dy,
-                          matrix_view<T> dx) const {
-    const index_t n = c.xhat.rank() == 2 ? c.xhat.dim(0) : 0;
-    PROMOE_CHECK(c.xhat.rank() == 2 && c.xhat.dim(1) == dim_,
-                 "nn::layer_norm::backward_modulated: the cache holds no forward of this module (run forward first)");
-    PROMOE_CHECK(dy.rows == n && dy.cols == dim_, "nn::layer_norm::backward_modulated: dy is [", dy.rows, ", ",
-                 dy.cols, "], expected [", n, ", ", dim_, "] (the forward's shape)");
-    PROMOE_CHECK(dx.rows == n && dx.cols == dim_, "nn::layer_norm::backward_modulated: dx is [", dx.rows, ", ",
-                 dx.cols, "], expected [", n, ", ", dim_, "] (the forward's shape)");
-    PROMOE_CHECK(tokens >= 1 && n == scale.rows * tokens && scale.cols == dim_,
-                 "nn::layer_norm::backward_modulated: scale is [", scale.rows, ", ", scale.cols, "], expected [",
-                 tokens >= 1 ? n / tokens : 0, ", ", dim_, "] (one row per sample of ", tokens, " tokens)");
-    if (n == 0) return;
-    backend_traits<B>::parallel_for(
-        n, detail::layer_norm_backward_functor<T>{c.xhat.data(), c.rstd.data(), dy.data, dy.ld, dx.data, dx.ld, dim_,
-                                                  scale.data, scale.ld, tokens});
-  }
-
-  /// No parameters (elementwise_affine=False); present so every module can be visited alike.
-  template <class F>
-  void for_each_parameter(const std::string&, F&&) {}
-  void zero_grad() {}
-
- private:
   index_t dim_ = 0;
   double eps_ = 1e-6;
 };
