@@ -238,20 +238,17 @@ struct backend_traits<backend::thrust> {
 #endif
   }
 
+#if THRUST_DEVICE_SYSTEM == THRUST_DEVICE_SYSTEM_CUDA && defined(PROMOE_HAS_CUBLAS)
   /// C_i = alpha * op(A_i) * op(B_i) + beta * C_i for i in [0, batch), X_i = x + i * stride_x:
-  /// one cuBLAS call on a GPU, else one GEMM after another.
+  /// one cuBLAS call. (Elsewhere ops::gemm_strided_batched runs one gemm after another.)
   template <class T>
   static void gemm_strided_batched(transpose ta, transpose tb, index_t m, index_t n, index_t k, T alpha, const T* a,
                                    index_t lda, index_t stride_a, const T* b, index_t ldb, index_t stride_b, T beta,
                                    T* c, index_t ldc, index_t stride_c, index_t batch) {
-#if THRUST_DEVICE_SYSTEM == THRUST_DEVICE_SYSTEM_CUDA && defined(PROMOE_HAS_CUBLAS)
     detail::cublas_gemm_strided_batched(ta, tb, m, n, k, alpha, a, lda, stride_a, b, ldb, stride_b, beta, c, ldc,
                                         stride_c, batch);
-#else
-    for (index_t i = 0; i < batch; ++i)
-      gemm(ta, tb, m, n, k, alpha, a + i * stride_a, lda, b + i * stride_b, ldb, beta, c + i * stride_c, ldc);
-#endif
   }
+#endif
 
   /// Stable grouping by key. On a GPU: keys outside [0, num_keys) become num_keys (so they
   /// sort last and are dropped), one stable sort of (key, index) pairs (the pairs and the
