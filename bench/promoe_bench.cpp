@@ -5,7 +5,7 @@
 // the two result files join by name (scripts/bench.sh does).
 //
 //   promoe_bench [--device cpu|thrust|cuda] [--tokens 1024,4096,16384] [--reps 5]
-//                [--cases moe,dit,sample] [--dit-presets mini-28,mini-32] [--json FILE]
+//                [--cases moe,dit,dit-bf16,sample] [--dit-presets mini-28,mini-32] [--json FILE]
 //
 // Every timing is one untimed warm-up call, then --reps timed calls; the median in ms (on a
 // GPU each call ends with a device synchronisation, so its time is the device's).
@@ -19,6 +19,8 @@
 //    (heap_counter.hpp): the peak heap during a step, against parameters + gradients + AdamW
 //    state + the activations a forward leaves in the model's cache, and the allocations a step
 //    makes after the warm-up.
+//  - dit.<preset>.{dense,promoe}.bf16.train_step (--cases dit-bf16): the same step of bf16
+//    models (bf16 weights, activations and gradients, float32 master weights in AdamW).
 //  - sample.mini-28.{dense,promoe}: 64 images, 10 Euler steps, classifier-free guidance 2.
 #include <algorithm>
 #include <charconv>
@@ -374,22 +376,26 @@ Model make_model(const app::run_config& r) {
 
 /// dit.<preset>.<mlp>.train_step: as torch_bench's, one training step of batch 64 (new
 /// x0 ~ N(0, 1), labels and 10 % label dropout each step; the library's rectified flow draws
-/// t logit-normal where torch_bench draws it uniform, which does not change the work).
+/// t logit-normal where torch_bench draws it uniform, which does not change the work). bf16
+/// models (dit.<preset>.<mlp>.bf16.train_step): bf16 weights, activations and gradients,
+/// AdamW with float32 master weights.
 template <class Model>
 case_result dit_train_case(const app::run_config& r, int reps) {
   using B = typename Model::backend_type;
+  using TM = typename Model::scalar;
   const auto d = dit::preset(r.preset);
   Model model = make_model<Model>(r);
   const auto params = model.parameters();
-  optim::adamw<T, B> adamw(params, {.lr = r.lr, .weight_decay = 0.0});
+  optim::adamw<TM, B> adamw(params, {.lr = r.lr, .weight_decay = 0.0});
   optim::grad_norm_workspace<B> clip_workspace;
   dit::rectified_flow flow;
-  dit::training_batch<T, B> batch;
+  dit::training_batch<TM, B> batch;
   typename Model::cache cache;
   const index_t n = r.batch;
-  mat<B> x0({n, d.in_channels, d.input_size, d.input_size}), out({n, d.out_channels(), d.input_size, d.input_size}),
-      dout;
+  tensor<TM, B> x0({n, d.in_channels, d.input_size, d.input_size}),
+      out({n, d.out_channels(), d.input_size, d.input_size}), dout;
   std::vector<T> pixels;
+  std::vector<TM> pixels_m(std::is_same_v<TM, T> ? 0 : static_cast<std::size_t>(x0.size()));  // bf16 copies
   std::vector<std::int64_t> labels(static_cast<std::size_t>(n)), dropped;
   std::uint64_t step = 0;
   constexpr std::uint64_t data_stream = 1000, label_stream = 1ull << 40;
@@ -397,7 +403,12 @@ case_result dit_train_case(const app::run_config& r, int reps) {
   auto train_step = [&] {
     ++step;
     fill_normal(pixels, x0.size(), data_stream + 2 * step);
-    backend_traits<B>::copy_from_host(pixels.data(), x0.size(), x0.data());
+    if constexpr (std::is_same_v<TM, T>) {
+      backend_traits<B>::copy_from_host(pixels.data(), x0.size(), x0.data());
+    } else {
+      std::copy(pixels.begin(), pixels.end(), pixels_m.begin());
+      backend_traits<B>::copy_from_host(pixels_m.data(), x0.size(), x0.data());
+    }
     for (index_t i = 0; i < n; ++i)
       labels[i] = static_cast<std::int64_t>(rng::uniform(seed, data_stream + 2 * step + 1, i) * num_classes);
     model.drop_labels(labels, rng{seed}, label_stream + step, dropped);
@@ -406,7 +417,7 @@ case_result dit_train_case(const app::run_config& r, int reps) {
     flow.loss_and_grad(out, batch, dout);
     model.zero_grad();
     model.backward(dout.matrix(), cache);
-    optim::clip_grad_norm<T, B>(params, r.clip, clip_workspace);
+    optim::clip_grad_norm<TM, B>(params, r.clip, clip_workspace);
     adamw.step(r.lr);
   };
   const measurement m = measure(reps, train_step);
@@ -419,13 +430,18 @@ case_result dit_train_case(const app::run_config& r, int reps) {
     model.forward(batch.x_t.matrix(), batch.t, dropped, out.matrix(), fresh);
     activation_bytes = heap::live_bytes() - before;
   }
-  std::int64_t param_bytes = 0;
+  std::int64_t param_bytes = 0, adamw_bytes = 0;
+  constexpr std::int64_t adamw_tensors = optim::adamw<TM, B>::keeps_master ? 3 : 2;  // (master,) m, v
   for (const auto& p : params)
-    if (p.grad) param_bytes += p.size() * static_cast<std::int64_t>(sizeof(T));
-  const std::int64_t expected = 4 * param_bytes + activation_bytes;  // values, grads, AdamW m and v
+    if (p.grad) {
+      param_bytes += p.size() * static_cast<std::int64_t>(sizeof(TM));
+      adamw_bytes +=
+          adamw_tensors * p.size() * static_cast<std::int64_t>(sizeof(typename optim::adamw<TM, B>::state_type));
+    }
+  const std::int64_t expected = 2 * param_bytes + adamw_bytes + activation_bytes;  // values, grads, AdamW state
 
   case_result res;
-  res.name = "dit." + r.preset + "." + r.mlp + ".train_step";
+  res.name = "dit." + r.preset + "." + r.mlp + (std::is_same_v<TM, bf16> ? ".bf16" : "") + ".train_step";
   res.median_ms = m.median_ms;
   res.images = static_cast<double>(n);
   if (heap::available()) {
@@ -434,7 +450,7 @@ case_result dit_train_case(const app::run_config& r, int reps) {
                  {"expected_bytes", expected},
                  {"param_bytes", param_bytes},
                  {"grad_bytes", param_bytes},
-                 {"adamw_bytes", 2 * param_bytes},
+                 {"adamw_bytes", adamw_bytes},
                  {"activation_bytes", activation_bytes},
                  {"peak_vs_expected", static_cast<double>(m.peak_bytes) / static_cast<double>(expected)},
                  {"allocs_per_step", m.allocations}};
@@ -462,6 +478,11 @@ case_result sample_case(const app::run_config& r, int reps) {
 // ------------------------------------------------------------------------------- families
 const std::vector<std::string> sample_presets{"mini-28"}, dit_mlps{"dense", "promoe"};
 
+template <class Model>
+void dit_train_case_of(const app::run_config& r, report& out) {
+  out.add(dit_train_case<Model>(r, out.reps()));
+}
+
 template <class B>
 void run_family(const std::string& family, const std::vector<index_t>& token_counts,
                 const std::vector<std::string>& dit_presets, report& out) {
@@ -469,6 +490,13 @@ void run_family(const std::string& family, const std::vector<index_t>& token_cou
     for (const index_t n : token_counts) {
       moe_cases<promoe_s_layer<B>>("promoe_s", promoe_s_config<B>(), n, out);
       moe_cases<top2_layer<B>>("top2_e8", top2_e8_config<B>(), n, out);
+    }
+    return;
+  }
+  if (family == "dit-bf16") {
+    for (const auto& preset : dit_presets) {
+      dit_train_case_of<dit::dit_model<B, bf16>>(dit_run(preset, "dense"), out);
+      dit_train_case_of<dit::dit_model<B, bf16, app::promoe_moe<B, bf16>>>(dit_run(preset, "promoe"), out);
     }
     return;
   }
@@ -490,7 +518,8 @@ constexpr const char* usage_text =
     "                 system), cuda (the same, CUDA builds; their default)\n"
     "  --tokens       MoE layer token counts, multiples of 256 (default 1024,4096,16384)\n"
     "  --reps         timed calls per case after 1 warm-up (default 5)\n"
-    "  --cases        case families to run (default moe,dit,sample)\n"
+    "  --cases        case families to run (default moe,dit,sample; also dit-bf16: the training\n"
+    "                 steps of bf16 models)\n"
     "  --dit-presets  DiT presets of the training-step cases (default mini-28,mini-32; also S, B, ...)\n"
     "  --json         also write the results to FILE (atomically: a temporary file, then renamed)\n";
 
@@ -577,8 +606,8 @@ options parse_options(int argc, char** argv) {
     } else {
       o.cases.clear();
       for (const auto item : split(val, "--cases")) {
-        if (item != "moe" && item != "dit" && item != "sample")
-          usage_error("unknown case family '" + std::string(item) + "' (choose from moe,dit,sample)");
+        if (item != "moe" && item != "dit" && item != "dit-bf16" && item != "sample")
+          usage_error("unknown case family '" + std::string(item) + "' (choose from moe,dit,dit-bf16,sample)");
         o.cases.emplace_back(item);
       }
     }

@@ -70,11 +70,14 @@ struct run_config {
   double clip = 0.5;
   double ema_decay = 0.999;
   std::uint64_t seed = 0;
+  std::string dtype = "float32";   ///< float32, bf16 (bf16 weights and activations, float32 master weights)
 
   nlohmann::json to_json() const {
-    return {{"preset", preset}, {"mlp", mlp},     {"objective", objective}, {"experts", experts},
-            {"batch", batch},   {"lr", lr},       {"warmup", warmup},       {"clip", clip},
-            {"ema_decay", ema_decay}, {"seed", seed}};
+    nlohmann::json j = {{"preset", preset}, {"mlp", mlp},     {"objective", objective}, {"experts", experts},
+                        {"batch", batch},   {"lr", lr},       {"warmup", warmup},       {"clip", clip},
+                        {"ema_decay", ema_decay}, {"seed", seed}};
+    if (dtype != "float32") j["dtype"] = dtype;  // float32 configs stay as runs before bf16 wrote them
+    return j;
   }
   static run_config from_json(const std::string& text, const std::string& where) {
     run_config c;
@@ -83,6 +86,7 @@ struct run_config {
       c.preset = j.at("preset"), c.mlp = j.at("mlp"), c.objective = j.at("objective");
       c.experts = j.at("experts"), c.batch = j.at("batch"), c.lr = j.at("lr"), c.warmup = j.at("warmup");
       c.clip = j.at("clip"), c.ema_decay = j.at("ema_decay"), c.seed = j.at("seed");
+      c.dtype = j.value("dtype", "float32");
     } catch (const nlohmann::json::exception& e) {
       fail(where, ": the checkpoint's config is not a train_dit config (", e.what(), ")");
     }
@@ -95,6 +99,7 @@ struct run_config {
                  "unknown MLP kind '", mlp, "' (expected one of ", known, ")");
     PROMOE_CHECK(objective == "flow" || objective == "ddpm", "unknown objective '", objective,
                  "' (expected flow or ddpm)");
+    PROMOE_CHECK(dtype == "float32" || dtype == "bf16", "unknown --dtype '", dtype, "' (expected float32 or bf16)");
     PROMOE_CHECK(experts >= 1, "--experts must be >= 1, got ", experts);
     PROMOE_CHECK(batch >= 1, "--batch must be >= 1, got ", batch);
     PROMOE_CHECK(lr > 0 && std::isfinite(lr), "--lr must be positive, got ", lr);
@@ -102,22 +107,23 @@ struct run_config {
   }
 };
 
-// The MoE layer of each kind (GELU-tanh MLP experts) on backend B.
-template <class B>
-using promoe_moe = promoe_layer<B, T>;
-template <class B>
-using top_k_moe = moe_layer<router::top_k, expert::mlp<act::gelu_tanh>, losses<loss::load_balance>, B, T>;
-template <class B>
-using expert_choice_moe = moe_layer<router::expert_choice, expert::mlp<act::gelu_tanh>, losses<>, B, T>;
-template <class B>
-using expert_race_moe = moe_layer<router::expert_race, expert::mlp<act::gelu_tanh>, losses<>, B, T>;
+// The MoE layer of each kind (GELU-tanh MLP experts) on backend B, scalar S (float; bf16 for
+// bf16 training).
+template <class B, class S = T>
+using promoe_moe = promoe_layer<B, S>;
+template <class B, class S = T>
+using top_k_moe = moe_layer<router::top_k, expert::mlp<act::gelu_tanh>, losses<loss::load_balance>, B, S>;
+template <class B, class S = T>
+using expert_choice_moe = moe_layer<router::expert_choice, expert::mlp<act::gelu_tanh>, losses<>, B, S>;
+template <class B, class S = T>
+using expert_race_moe = moe_layer<router::expert_race, expert::mlp<act::gelu_tanh>, losses<>, B, S>;
 
 /// The MoE config of a kind, sized as the papers compare them: ProMoE's experts are 2D wide
 /// with a shared expert (activated parameters = the dense MLP's); the baselines' are full width.
 /// The ablations change only what their names say.
-template <class B>
-typename promoe_moe<B>::config moe_config(const run_config& r, const dit::dit_config& d, promoe_moe<B>*) {
-  typename promoe_moe<B>::config c;
+template <class B, class S>
+typename promoe_moe<B, S>::config moe_config(const run_config& r, const dit::dit_config& d, promoe_moe<B, S>*) {
+  typename promoe_moe<B, S>::config c;
   c.routed_experts = r.experts, c.expert_hidden = 2 * d.hidden_size;
   c.unconditional_experts = r.mlp == "promoe-no-cond" ? 0 : 1;
   c.shared_experts = 1;
@@ -126,48 +132,51 @@ typename promoe_moe<B>::config moe_config(const run_config& r, const dit::dit_co
   c.loss = {{r.mlp == "promoe-no-rcl" ? 0.0 : 1.0, 0.07, true}};
   return c;
 }
-template <class B>
-typename top_k_moe<B>::config moe_config(const run_config& r, const dit::dit_config& d, top_k_moe<B>*) {
-  typename top_k_moe<B>::config c;
+template <class B, class S>
+typename top_k_moe<B, S>::config moe_config(const run_config& r, const dit::dit_config& d, top_k_moe<B, S>*) {
+  typename top_k_moe<B, S>::config c;
   c.routed_experts = r.experts, c.expert_hidden = d.mlp_hidden();
   c.router = {1, score_fn::softmax, false};
   c.loss = {{0.01}};
   c.names = param_naming::dit_moe();
   return c;
 }
-template <class B>
-typename expert_choice_moe<B>::config moe_config(const run_config& r, const dit::dit_config& d, expert_choice_moe<B>*) {
-  typename expert_choice_moe<B>::config c;
+template <class B, class S>
+typename expert_choice_moe<B, S>::config moe_config(const run_config& r, const dit::dit_config& d,
+                                                    expert_choice_moe<B, S>*) {
+  typename expert_choice_moe<B, S>::config c;
   c.routed_experts = r.experts, c.expert_hidden = d.mlp_hidden();
   c.router = {1.0, true, score_fn::softmax};
   return c;
 }
-template <class B>
-typename expert_race_moe<B>::config moe_config(const run_config& r, const dit::dit_config& d, expert_race_moe<B>*) {
-  typename expert_race_moe<B>::config c;
+template <class B, class S>
+typename expert_race_moe<B, S>::config moe_config(const run_config& r, const dit::dit_config& d,
+                                                  expert_race_moe<B, S>*) {
+  typename expert_race_moe<B, S>::config c;
   c.routed_experts = r.experts, c.expert_hidden = d.mlp_hidden();
   c.router.k = 1;
   return c;
 }
 
-/// Calls f.template operator()<Model>() with the model type of the run's MLP kind on backend B.
-template <class B, class F>
+/// Calls f.template operator()<Model>() with the model type of the run's MLP kind on backend B
+/// with scalar S.
+template <class B, class S = T, class F>
 decltype(auto) with_model_type(const run_config& r, F&& f) {
-  if (r.mlp == "dense") return f.template operator()<dit::dit_model<B, T>>();
-  if (r.mlp == "top-k") return f.template operator()<dit::dit_model<B, T, top_k_moe<B>>>();
-  if (r.mlp == "expert-choice") return f.template operator()<dit::dit_model<B, T, expert_choice_moe<B>>>();
-  if (r.mlp == "expert-race") return f.template operator()<dit::dit_model<B, T, expert_race_moe<B>>>();
-  return f.template operator()<dit::dit_model<B, T, promoe_moe<B>>>();  // promoe and its ablations
+  if (r.mlp == "dense") return f.template operator()<dit::dit_model<B, S>>();
+  if (r.mlp == "top-k") return f.template operator()<dit::dit_model<B, S, top_k_moe<B, S>>>();
+  if (r.mlp == "expert-choice") return f.template operator()<dit::dit_model<B, S, expert_choice_moe<B, S>>>();
+  if (r.mlp == "expert-race") return f.template operator()<dit::dit_model<B, S, expert_race_moe<B, S>>>();
+  return f.template operator()<dit::dit_model<B, S, promoe_moe<B, S>>>();  // promoe and its ablations
 }
 
 /// The same on the device's backend (checked with check_device).
-template <class F>
+template <class S = T, class F>
 decltype(auto) with_model_type(const run_config& r, const std::string& device, F&& f) {
   check_device(device);
 #if defined(PROMOE_APP_THRUST)
-  if (device != "cpu") return with_model_type<backend::thrust>(r, std::forward<F>(f));
+  if (device != "cpu") return with_model_type<backend::thrust, S>(r, std::forward<F>(f));
 #endif
-  return with_model_type<backend::cpu>(r, std::forward<F>(f));
+  return with_model_type<backend::cpu, S>(r, std::forward<F>(f));
 }
 
 template <class Model>
@@ -177,7 +186,7 @@ typename Model::moe_config model_moe_config(const run_config& r, const dit::dit_
 }
 
 template <class Model>
-std::vector<named_parameter<T>> model_tensors(Model& m) {
+std::vector<named_parameter<typename Model::scalar>> model_tensors(Model& m) {
   auto all = m.parameters();
   for (auto& b : m.buffers()) all.push_back(b);
   return all;
@@ -196,15 +205,17 @@ template <class Model>
 std::vector<T> sample(Model& model, const run_config& r, std::span<const std::int64_t> labels, double cfg_scale,
                       index_t steps, std::uint64_t seed) {
   using B = typename Model::backend_type;
+  using S = typename Model::scalar;
   const auto& d = model.cfg();
   dit::inference_model<Model> net(model);
-  auto guided = dit::classifier_free_guidance<T, B>(net, cfg_scale, d.num_classes);
-  tensor<T, B> x({static_cast<index_t>(labels.size()), d.in_channels, d.input_size, d.input_size});
+  auto guided = dit::classifier_free_guidance<S, B>(net, cfg_scale, d.num_classes);
+  tensor<S, B> x({static_cast<index_t>(labels.size()), d.in_channels, d.input_size, d.input_size});
   if (r.objective == "flow")
     dit::euler_flow(guided, x, labels, {.steps = steps, .seed = seed});
   else
     dit::ddim(guided, x, labels, {.steps = steps, .seed = seed});
-  return x.to_host();
+  const auto values = x.to_host();
+  return std::vector<T>(values.begin(), values.end());
 }
 
 /// NCHW floats -> NHWC bytes.

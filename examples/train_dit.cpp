@@ -202,6 +202,8 @@ class routing_counts {
 template <class Model>
 class trainer {
   using B = typename Model::backend_type;
+  using T = typename Model::scalar;  ///< float, or bf16 (--dtype bf16)
+  using F = compute_t<T>;            ///< float: the optimizer state, the EMA, the checkpoint's type
 
  public:
   trainer(const cli_options& o, const training_data& data)
@@ -212,8 +214,17 @@ class trainer {
 
   std::string config_text() const { return r_.to_json().dump(); }
 
-  std::vector<io::checkpoint_group<T, B>> groups() {
-    return {{"model", model_tensors(model_)}, {"ema", ema_.shadow()}, {"optim", adamw_.state()}};
+  /// The checkpoint's float32 groups, and a bf16 model's weights (stored widened, so the
+  /// checkpoint is an ordinary float32 one; AdamW's state holds the float32 master weights).
+  std::vector<io::checkpoint_group<F, B>> groups() {
+    if constexpr (std::is_same_v<T, F>)
+      return {{"model", model_tensors(model_)}, {"ema", ema_.shadow()}, {"optim", adamw_.state()}};
+    else
+      return {{"ema", ema_.shadow()}, {"optim", adamw_.state()}};
+  }
+  std::vector<io::checkpoint_group<bf16, B>> bf16_groups() {
+    if constexpr (std::is_same_v<T, F>) return {};
+    else return {{"model", model_tensors(model_)}};
   }
 
   void save(index_t step) {
@@ -222,11 +233,11 @@ class trainer {
     info.rng_seed = r_.seed;
     info.config = config_text();
     info.extra["optim_step"] = std::to_string(adamw_.step());
-    io::save_checkpoint<T, B>(checkpoint_path(), groups(), info);
+    io::save_checkpoint<F, B>(checkpoint_path(), groups(), info, bf16_groups());
   }
 
   index_t resume() {
-    const auto info = io::load_checkpoint<T, B>(checkpoint_path(), groups(), config_text());
+    const auto info = io::load_checkpoint<F, B>(checkpoint_path(), groups(), config_text(), bf16_groups());
     adamw_.set_step(std::stoll(info.extra.at("optim_step")));
     return static_cast<index_t>(info.step);
   }
@@ -355,7 +366,7 @@ class trainer {
       for (index_t i = 0; i < m; ++i) data_.fill(picks[i], px.data() + i * hw);
       const auto x0 = tensor<T, B>::from_host(px, {m, d_.in_channels, d_.input_size, d_.input_size});
       auto batch = flow_.sample(x0, r_.seed + 2, 0);
-      std::fill(batch.t.begin(), batch.t.end(), T(500));
+      std::fill(batch.t.begin(), batch.t.end(), F(500));
       tensor<T, B> out({m, d_.output_size()});
       typename Model::cache c;
       const std::vector<std::int64_t> labels(static_cast<std::size_t>(m), k);
@@ -443,6 +454,10 @@ int main(int argc, char** argv) {
                  "float32 GEMMs: highest (float32 operands) or bf16 (operands rounded to bfloat16, float32 "
                  "accumulation; tensor cores on a GPU); weights, optimizer and every other op stay float32")
       ->capture_default_str();
+  cli.add_option("--dtype", r.dtype,
+                 "float32, or bf16: weights, activations and gradients in bfloat16 with float32 accumulation, "
+                 "float32 master weights in AdamW and a float32 EMA (the checkpoint stays float32)")
+      ->capture_default_str();
   cli.add_option("--objective", r.objective, "flow (rectified flow) or ddpm")->capture_default_str();
   cli.add_option("--experts", r.experts, "routed experts per MoE block")->capture_default_str();
   cli.add_option("--steps", o.steps, "training steps")->capture_default_str();
@@ -478,10 +493,14 @@ int main(int argc, char** argv) {
     PROMOE_CHECK(!(o.resume && o.overwrite), "--resume and --overwrite exclude each other");
     set_matmul_precision(parse_matmul_precision(o.matmul_precision));
     const auto data = training_data::load(o.data, dit::preset(r.preset));
-    with_model_type(r, o.device, [&]<class Model>() {
+    const auto train = [&]<class Model>() {
       trainer<Model> t(o, data);
       t.run();
-    });
+    };
+    if (r.dtype == "bf16")
+      with_model_type<bf16>(r, o.device, train);
+    else
+      with_model_type(r, o.device, train);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "\ntrain_dit: %s\n", e.what());
     return 1;

@@ -59,24 +59,28 @@ stage_test() {
 
 # The same 20 training steps of a ProMoE DiT on the CPU and on the GPU: the loss curves must
 # agree to 1e-4 relative in float32 (sums in another order; the tests hold the 1e-5 layer
-# parity) and to 1e-2 with bf16 GEMMs (tensor cores on the GPU, rounded operands on the CPU).
+# parity), and to 1e-2 with bf16 GEMMs (tensor cores on the GPU, rounded operands on the CPU)
+# and with bf16 training (--dtype bf16: bf16 weights and activations, float32 master weights).
 stage_parity() {
-  local dev precision tolerance
-  for precision in highest bf16; do
-    tolerance=1e-4
-    [[ "$precision" == bf16 ]] && tolerance=1e-2
+  local dev mode tolerance flags
+  for mode in highest bf16 bf16-dtype; do
+    case "$mode" in
+      highest) tolerance=1e-4 flags=(--matmul-precision highest) ;;
+      bf16) tolerance=1e-2 flags=(--matmul-precision bf16) ;;
+      bf16-dtype) tolerance=1e-2 flags=(--dtype bf16) ;;
+    esac
     for dev in cpu cuda; do
       "$build/examples/train_dit" --device "$dev" --mlp promoe --steps 20 --log-every 1 --sample-every 20 \
-        --matmul-precision "$precision" --out "$out/parity-$precision-$dev" --overwrite \
-        >"$out/parity-$precision-$dev.log" 2>&1 || { status=1; return; }
+        "${flags[@]}" --out "$out/parity-$mode-$dev" --overwrite \
+        >"$out/parity-$mode-$dev.log" 2>&1 || { status=1; return; }
     done
-    /usr/bin/env python3 - "$out/parity-$precision-cpu/log.csv" "$out/parity-$precision-cuda/log.csv" \
-      "$precision" "$tolerance" <<'PY' | tee -a "$out/parity.txt" || status=1
+    /usr/bin/env python3 - "$out/parity-$mode-cpu/log.csv" "$out/parity-$mode-cuda/log.csv" \
+      "$mode" "$tolerance" <<'PY' | tee -a "$out/parity.txt" || status=1
 import csv, sys
 a, b = ([float(r["loss"]) for r in csv.DictReader(open(p))] for p in sys.argv[1:3])
 tolerance = float(sys.argv[4])
 worst = max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a, b))
-print("train_dit cpu vs cuda, %s GEMMs, %d logged steps: largest relative loss difference %.3g (limit %g)"
+print("train_dit cpu vs cuda, %s, %d logged steps: largest relative loss difference %.3g (limit %g)"
       % (sys.argv[3], len(a), worst, tolerance))
 sys.exit(0 if len(a) == len(b) == 20 and worst <= tolerance else 1)
 PY
@@ -86,7 +90,7 @@ PY
 stage_bench() {
   local tokens=4096,16384 presets=mini-28,S reps=5
   if ((quick)); then tokens=4096 presets=mini-28 reps=3; fi
-  "$build/bench/promoe_bench" --device cuda --tokens "$tokens" --reps "$reps" --cases moe,dit,sample \
+  "$build/bench/promoe_bench" --device cuda --tokens "$tokens" --reps "$reps" --cases moe,dit,dit-bf16,sample \
     --dit-presets "$presets" --json "$out/promoe-gpu.json" 2>&1 | tee "$out/promoe-gpu.log" || { status=1; return; }
   local python=/usr/bin/python3 merge=(--promoe "$out/promoe-gpu.json")
   [[ -x "$python" ]] || python=python3

@@ -26,6 +26,7 @@
 #include "backend/backend.hpp"
 #include "backend/ops.hpp"
 #include "backend/tensor.hpp"
+#include "core/bf16.hpp"
 #include "core/error.hpp"
 #include "core/rng.hpp"
 #include "core/view.hpp"
@@ -66,7 +67,8 @@ class moe_layer;
 /// \tparam SharedExpert  expert policy of shared experts (defaults to Expert)
 template <RouterPolicy Router, ExpertPolicy Expert, LossPolicy... L, Backend B, class T, ExpertPolicy SharedExpert>
 class moe_layer<Router, Expert, losses<L...>, B, T, SharedExpert> {
-  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "moe_layer: T must be float or double");
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double> || std::is_same_v<T, bf16>,
+                "moe_layer: T must be float, double or bf16");
 
  public:
   using scalar = T;

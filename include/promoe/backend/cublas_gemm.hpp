@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 /// \file cublas_gemm.hpp
 /// \brief Row-major GEMM on device pointers through cuBLAS (the Thrust backend's GEMM under
-/// the CUDA device system), float32 GEMMs on bf16 tensor cores under matmul_precision::bf16.
+/// the CUDA device system): float32 and float64 GEMMs, float32 GEMMs on bf16 tensor cores under
+/// matmul_precision::bf16, and bf16 GEMMs (bf16 A, B and C, float32 accumulation).
 /// Needs <cublas_v2.h> and linking with cuBLAS (CUDA::cublas).
 #pragma once
 
@@ -9,6 +10,7 @@
 
 #include <type_traits>
 
+#include "../core/bf16.hpp"
 #include "../core/error.hpp"
 #include "../core/precision.hpp"
 #include "backend.hpp"
@@ -50,7 +52,8 @@ template <class T>
 void cublas_gemm_strided_batched(transpose ta, transpose tb, index_t m, index_t n, index_t k, T alpha, const T* a,
                                  index_t lda, index_t stride_a, const T* b, index_t ldb, index_t stride_b, T beta, T* c,
                                  index_t ldc, index_t stride_c, index_t batch) {
-  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "cublas_gemm: float or double");
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double> || std::is_same_v<T, bf16>,
+                "cublas_gemm: float, double or bf16");
   if (m == 0 || n == 0 || batch == 0) return;
   const cublasOperation_t opa = ta == transpose::yes ? CUBLAS_OP_T : CUBLAS_OP_N;
   const cublasOperation_t opb = tb == transpose::yes ? CUBLAS_OP_T : CUBLAS_OP_N;
@@ -73,20 +76,28 @@ void cublas_gemm_strided_batched(transpose ta, transpose tb, index_t m, index_t 
                    batched_name, m, n, k);
     }
   };
-  if constexpr (std::is_same_v<T, float>) {
+  // cublasGemmEx / cublasGemmStridedBatchedEx on operands and C of cuBLAS type `type`, alpha and
+  // beta as float (the 32F compute types' scaling type).
+  const auto run_gemm_ex = [&](cudaDataType_t type, cublasComputeType_t compute, const char* name) {
+    const float alpha_f = static_cast<float>(alpha), beta_f = static_cast<float>(beta);
+    if (batch == 1) {
+      cublas_check(cublasGemmEx(h, opb, opa, i32(n), i32(m), i32(k), &alpha_f, b, type, i32(ldb), a, type, i32(lda),
+                                &beta_f, c, type, i32(ldc), compute, CUBLAS_GEMM_DEFAULT),
+                   name, m, n, k);
+    } else {
+      cublas_check(cublasGemmStridedBatchedEx(h, opb, opa, i32(n), i32(m), i32(k), &alpha_f, b, type, i32(ldb), sb, a,
+                                              type, i32(lda), sa, &beta_f, c, type, i32(ldc), sc, i32(batch), compute,
+                                              CUBLAS_GEMM_DEFAULT),
+                   name, m, n, k);
+    }
+  };
+  if constexpr (std::is_same_v<T, bf16>) {
+    // bf16 tensors (the layout of __nv_bfloat16): tensor cores, float32 accumulation, C rounded.
+    run_gemm_ex(CUDA_R_16BF, CUBLAS_COMPUTE_32F, "cublasGemmEx (bf16 tensors)");
+  } else if constexpr (std::is_same_v<T, float>) {
     if (get_matmul_precision() == matmul_precision::bf16) {
       // bf16 tensor cores: operands converted to bf16, float32 accumulation and output.
-      if (batch == 1) {
-        cublas_check(cublasGemmEx(h, opb, opa, i32(n), i32(m), i32(k), &alpha, b, CUDA_R_32F, i32(ldb), a, CUDA_R_32F,
-                                  i32(lda), &beta, c, CUDA_R_32F, i32(ldc), CUBLAS_COMPUTE_32F_FAST_16BF,
-                                  CUBLAS_GEMM_DEFAULT),
-                     "cublasGemmEx (bf16)", m, n, k);
-      } else {
-        cublas_check(cublasGemmStridedBatchedEx(h, opb, opa, i32(n), i32(m), i32(k), &alpha, b, CUDA_R_32F, i32(ldb), sb,
-                                                a, CUDA_R_32F, i32(lda), sa, &beta, c, CUDA_R_32F, i32(ldc), sc,
-                                                i32(batch), CUBLAS_COMPUTE_32F_FAST_16BF, CUBLAS_GEMM_DEFAULT),
-                     "cublasGemmStridedBatchedEx (bf16)", m, n, k);
-      }
+      run_gemm_ex(CUDA_R_32F, CUBLAS_COMPUTE_32F_FAST_16BF, "cublasGemmEx (bf16 precision)");
       return;
     }
     run_gemm(cublasSgemm, cublasSgemmStridedBatched, "cublasSgemm", "cublasSgemmStridedBatched");

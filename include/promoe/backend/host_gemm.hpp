@@ -25,6 +25,7 @@
 #include <omp.h>
 #endif
 
+#include "../core/bf16.hpp"
 #include "../core/precision.hpp"
 #include "backend.hpp"
 #include "openblas.hpp"
@@ -34,7 +35,8 @@ namespace promoe::detail {
 /// What a pair of per-thread GEMM buffers holds.
 enum class gemm_buffer_use {
   packing,          ///< Eigen's packed panels of A and B
-  rounded_operands,  ///< copies of A and B rounded to bf16 (matmul_precision::bf16)
+  rounded_operands,  ///< float copies of A and B holding bf16 values (bf16 GEMMs)
+  widened_output,    ///< a float panel of a bf16 C
   attention_scratch  ///< one attention head's transposed k or v and its score gradients
 };
 
@@ -183,47 +185,70 @@ void host_gemm_block(index_t m, index_t n, index_t k, T alpha, const T* a, index
   product::run(m, n, k, a, lda, b, ldb, c, 1, ldc, alpha, blocking, nullptr);
 }
 
-/// dst[rows, cols] (dense) = op(src) rounded to bf16, where op(src)[r, j] is src[r * ld + j]
-/// (or src[j * ld + r] when transposed).
-template <transpose TS>
-void copy_rounded_to_bf16(const float* src, index_t ld, index_t rows, index_t cols, float* dst) {
+/// dst[rows, cols] (dense float) = op(src) rounded to bf16, where op(src)[r, j] is
+/// src[r * ld + j] (or src[j * ld + r] when transposed); bf16 sources are widened exactly.
+template <transpose TS, class S>
+void copy_rounded_to_bf16(const S* src, index_t ld, index_t rows, index_t cols, float* dst) {
   for (index_t r = 0; r < rows; ++r)
-    for (index_t j = 0; j < cols; ++j)
-      dst[r * cols + j] = round_to_bf16(TS == transpose::no ? src[r * ld + j] : src[j * ld + r]);
+    for (index_t j = 0; j < cols; ++j) {
+      const S v = TS == transpose::no ? src[r * ld + j] : src[j * ld + r];
+      if constexpr (std::is_same_v<S, bf16>) dst[r * cols + j] = static_cast<float>(v);
+      else dst[r * cols + j] = round_to_bf16(v);
+    }
 }
 
-/// The float GEMM under matmul_precision::bf16 on one thread: C is computed in panels of
-/// rows x columns x depth, each from copies of op(A) and op(B) rounded to bf16. The panels
-/// have fixed sizes, so the thread's buffers are the same for every shape (no allocation
-/// when later steps bring other shapes).
-template <transpose TA, transpose TB>
-void host_gemm_bf16(index_t m, index_t n, index_t k, float alpha, const float* a, index_t lda, const float* b,
-                    index_t ldb, float beta, float* c, index_t ldc) {
+/// A GEMM on bf16 operands with float32 products and accumulation, on one thread: float
+/// operands under matmul_precision::bf16 (S = float) or bf16 tensors (S = bf16, whose C is
+/// accumulated in a float panel and rounded once at the end). C is computed in panels of
+/// rows x columns x depth, each from float copies of op(A) and op(B) holding bf16 values. The
+/// panels have fixed sizes, so the thread's buffers are the same for every shape (no
+/// allocation when later steps bring other shapes).
+template <class S, transpose TA, transpose TB>
+void host_gemm_bf16(index_t m, index_t n, index_t k, float alpha, const S* a, index_t lda, const S* b, index_t ldb,
+                    float beta, S* c, index_t ldc) {
   constexpr index_t rows = 256, cols = 1024, depth = 256;
-  const auto [ra, rb] = gemm_thread_buffers<float, gemm_buffer_use::rounded_operands>::acquire(rows * depth, depth * cols);
+  constexpr bool widened_c = std::is_same_v<S, bf16>;
+  const auto [ra, rb] =
+      gemm_thread_buffers<float, gemm_buffer_use::rounded_operands>::acquire(rows * depth, depth * cols);
+  float* rc = widened_c ? gemm_thread_buffers<float, gemm_buffer_use::widened_output>::acquire(rows * cols, 0).first
+                        : nullptr;
   for (index_t i0 = 0; i0 < m; i0 += rows) {
     const index_t mi = std::min(rows, m - i0);
     for (index_t j0 = 0; j0 < n; j0 += cols) {
       const index_t nj = std::min(cols, n - j0);
+      float* cp;
+      index_t ldcp;
+      if constexpr (widened_c) {
+        cp = rc, ldcp = nj;
+        if (beta != 0.0f) copy_rounded_to_bf16<transpose::no>(c + i0 * ldc + j0, ldc, mi, nj, cp);
+      } else {
+        cp = c + i0 * ldc + j0, ldcp = ldc;
+      }
       for (index_t p0 = 0; p0 < k; p0 += depth) {
         const index_t kp = std::min(depth, k - p0);
         copy_rounded_to_bf16<TA>(TA == transpose::no ? a + i0 * lda + p0 : a + p0 * lda + i0, lda, mi, kp, ra);
         copy_rounded_to_bf16<TB>(TB == transpose::no ? b + p0 * ldb + j0 : b + j0 * ldb + p0, ldb, kp, nj, rb);
         host_gemm_block<float, transpose::no, transpose::no>(mi, nj, kp, alpha, ra, kp, rb, nj, p0 == 0 ? beta : 1.0f,
-                                                             c + i0 * ldc + j0, ldc);
+                                                             cp, ldcp);
       }
+      if constexpr (widened_c)
+        for (index_t i = 0; i < mi; ++i)
+          for (index_t j = 0; j < nj; ++j) c[(i0 + i) * ldc + j0 + j] = bf16(cp[i * ldcp + j]);
     }
   }
 }
 
 /// C[m, n] = alpha * op(A) * op(B) + beta * C on one thread; A, B, C row-major with leading
-/// dimensions (float GEMMs under matmul_precision::bf16 through host_gemm_bf16).
+/// dimensions (bf16 GEMMs, and float GEMMs under matmul_precision::bf16, through host_gemm_bf16).
 template <class T, transpose TA, transpose TB>
 void host_gemm_sequential(index_t m, index_t n, index_t k, T alpha, const T* a, index_t lda, const T* b,
                           index_t ldb, T beta, T* c, index_t ldc) {
-  if constexpr (std::is_same_v<T, float>) {
+  if constexpr (std::is_same_v<T, bf16>) {
+    host_gemm_bf16<bf16, TA, TB>(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return;
+  } else if constexpr (std::is_same_v<T, float>) {
     if (get_matmul_precision() == matmul_precision::bf16) {
-      host_gemm_bf16<TA, TB>(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+      host_gemm_bf16<float, TA, TB>(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
       return;
     }
   }
@@ -280,9 +305,10 @@ void host_gemm(transpose ta, transpose tb, index_t m, index_t n, index_t k, T al
   using mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   using map = Eigen::Map<mat, Eigen::Unaligned, Eigen::OuterStride<>>;
   if (m == 0 || n == 0) return;
-  // Matrix-vector products stay with Eigen's GEMV below (it packs nothing), except under bf16
-  // precision, which rounds the operands on the way in.
-  const bool rounds = std::is_same_v<T, float> && get_matmul_precision() == matmul_precision::bf16;
+  // Matrix-vector products stay with Eigen's GEMV below (it packs nothing), except bf16 ones
+  // (bf16 tensors, or float under bf16 precision), which round or widen operands on the way in.
+  const bool rounds = std::is_same_v<T, bf16> ||
+                      (std::is_same_v<T, float> && get_matmul_precision() == matmul_precision::bf16);
   if ((m > 1 && n > 1) || rounds) {
     if (k == 0 || alpha == T(0)) {
       scale_block(m, n, beta, c, ldc);

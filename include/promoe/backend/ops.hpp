@@ -55,7 +55,7 @@ struct broadcast_row_functor {
   bool accumulate;
   PROMOE_HOST_DEVICE void operator()(index_t r) const {
     T* o = out + r * ld;
-    for (index_t j = 0; j < cols; ++j) o[j] = accumulate ? o[j] + row[j] : row[j];
+    for (index_t j = 0; j < cols; ++j) o[j] = accumulate ? T(o[j] + row[j]) : row[j];
   }
 };
 /// out[r, :] = in[r, :], or += when accumulate.

@@ -4,6 +4,7 @@
 /// backend-generic attention and the host attention kernels.
 #pragma once
 
+#include "../core/bf16.hpp"
 #include "../core/config.hpp"
 #include "../core/fast_math.hpp"
 #include "../core/lane_sum.hpp"
@@ -21,7 +22,7 @@ struct softmax_rows_functor {
     T m = row[0];
     for (index_t j = 1; j < n; ++j) m = row[j] > m ? row[j] : m;
     for (index_t j = 0; j < n; ++j) row[j] = fast_exp(row[j] - m);  // vectorises
-    const T inv = T(1) / lane_sum<T>(n, [row](index_t j) { return row[j]; });
+    const compute_t<T> inv = compute_t<T>(1) / lane_sum<compute_t<T>>(n, [row](index_t j) { return row[j]; });
     for (index_t j = 0; j < n; ++j) row[j] *= inv;
   }
 };
@@ -37,7 +38,7 @@ struct softmax_backward_rows_functor {
   PROMOE_HOST_DEVICE void operator()(index_t r) const {
     const T* pr = p + r * n;
     T* gr = g + r * n;
-    const T dot = lane_sum<T>(n, [gr, pr](index_t j) { return gr[j] * pr[j]; });
+    const compute_t<T> dot = lane_sum<compute_t<T>>(n, [gr, pr](index_t j) { return gr[j] * pr[j]; });
     for (index_t j = 0; j < n; ++j) gr[j] = pr[j] * (gr[j] - dot);
   }
 };

@@ -35,6 +35,7 @@
 #include <thrust/system/cuda/execution_policy.h>
 #endif
 
+#include "../core/bf16.hpp"
 #include "../core/error.hpp"
 #include "backend.hpp"
 #include "counting_sort.hpp"
@@ -64,14 +65,15 @@ struct naive_gemm_functor {
 
   PROMOE_HOST_DEVICE void operator()(index_t idx) const {
     const index_t i = idx / n, j = idx % n;
-    T acc = T(0);
+    using C = compute_t<T>;  // bf16 products accumulate in float
+    C acc = 0;
     for (index_t p = 0; p < k; ++p) {
-      const T av = ta ? a[p * lda + i] : a[i * lda + p];
-      const T bv = tb ? b[j * ldb + p] : b[p * ldb + j];
+      const C av = ta ? a[p * lda + i] : a[i * lda + p];
+      const C bv = tb ? b[j * ldb + p] : b[p * ldb + j];
       acc += av * bv;
     }
     T& out = c[i * ldc + j];
-    out = (beta == T(0) ? T(0) : beta * out) + alpha * acc;
+    out = (beta == T(0) ? C(0) : C(beta) * C(out)) + C(alpha) * acc;
   }
 };
 

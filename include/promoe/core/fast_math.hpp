@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "bf16.hpp"
 #include "config.hpp"
 
 namespace promoe {
@@ -57,8 +58,8 @@ PROMOE_HOST_DEVICE inline float exp_fast(float x) {
 /// exp_fast in float, std::exp in double (tests and references keep full precision).
 template <class T>
 PROMOE_HOST_DEVICE inline T fast_exp(T x) {
-  if constexpr (sizeof(T) == sizeof(float)) {
-    return exp_fast(x);
+  if constexpr (sizeof(T) == sizeof(float) || is_storage_half_v<T>) {
+    return T(exp_fast(static_cast<float>(x)));
   } else {
     using std::exp;
     return exp(x);

@@ -8,6 +8,7 @@
 /// runs the same order, so results stay identical across backends.
 #pragma once
 
+#include "bf16.hpp"
 #include "config.hpp"
 
 namespace promoe {

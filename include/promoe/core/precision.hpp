@@ -15,10 +15,9 @@
 #pragma once
 
 #include <atomic>
-#include <bit>
-#include <cstdint>
 #include <string_view>
 
+#include "bf16.hpp"
 #include "config.hpp"
 #include "error.hpp"
 
@@ -60,11 +59,6 @@ class matmul_precision_scope {
 /// x rounded to the nearest bfloat16 (ties to even), as a float: the upper 16 bits of x's
 /// pattern after rounding. NaN stays NaN (quiet), infinities stay, values beyond the largest
 /// bf16 round to infinity.
-inline float round_to_bf16(float x) {
-  std::uint32_t u = std::bit_cast<std::uint32_t>(x);
-  if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu) != 0) return std::bit_cast<float>(u | 0x00400000u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return std::bit_cast<float>(u & 0xffff0000u);
-}
+inline float round_to_bf16(float x) { return static_cast<float>(bf16(x)); }
 
 }  // namespace promoe

@@ -5,6 +5,7 @@
 
 #include <type_traits>
 
+#include "bf16.hpp"
 #include "config.hpp"
 
 namespace promoe {

@@ -22,6 +22,7 @@
 
 #include "../backend/backend.hpp"
 #include "../backend/tensor.hpp"
+#include "../core/bf16.hpp"
 #include "../core/config.hpp"
 #include "../core/error.hpp"
 #include "objective.hpp"
@@ -64,7 +65,7 @@ class guided_model {
   std::int64_t null_label() const { return null_label_; }
   std::remove_reference_t<Model>& model() { return model_; }
 
-  void operator()(const tensor<T, B>& x, const std::vector<T>& t, std::span<const std::int64_t> y,
+  void operator()(const tensor<T, B>& x, const std::vector<compute_t<T>>& t, std::span<const std::int64_t> y,
                   tensor<T, B>& out) {
     model_(x, t, y, out);
     if (scale_ == 1.0) return;

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "../backend/tensor.hpp"
+#include "../core/bf16.hpp"
 #include "objective.hpp"
 
 namespace promoe::dit {
@@ -21,7 +22,7 @@ class inference_model {
 
   explicit inference_model(Model& model) : model_(&model) {}
 
-  void operator()(const tensor<T, B>& x_t, const std::vector<T>& t, std::span<const std::int64_t> y,
+  void operator()(const tensor<T, B>& x_t, const std::vector<compute_t<T>>& t, std::span<const std::int64_t> y,
                   tensor<T, B>& out) {
     const auto& cfg = model_->cfg();
     PROMOE_CHECK(x_t.rank() == 4 && x_t.dim(1) == cfg.in_channels && x_t.dim(2) == cfg.input_size &&
@@ -30,7 +31,7 @@ class inference_model {
                  cfg.in_channels, ", ", cfg.input_size, ", ", cfg.input_size, "]");
     const index_t n = x_t.dim(0);
     out.resize({n, cfg.out_channels(), cfg.input_size, cfg.input_size});
-    model_->infer({x_t.data(), n, cfg.image_size()}, std::span<const T>(t), y,
+    model_->infer({x_t.data(), n, cfg.image_size()}, std::span<const compute_t<T>>(t), y,
                   {out.data(), n, cfg.output_size()}, cache_);
   }
 

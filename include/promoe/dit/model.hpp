@@ -21,6 +21,7 @@
 
 #include "../backend/ops.hpp"
 #include "../backend/tensor.hpp"
+#include "../core/bf16.hpp"
 #include "../core/error.hpp"
 #include "../core/rng.hpp"
 #include "../expert/mlp.hpp"
@@ -83,7 +84,7 @@ class dit_model {
     index_t samples = 0;
     bool ready = false;     ///< a training forward filled it (backward may run)
     std::vector<std::int64_t> labels;  ///< after dropout: what the embedder and MoE blocks saw
-    tensor<T, B> t;                    ///< [N] model time
+    tensor<compute_t<T>, B> t;         ///< [N] model time
     typename nn::patch_embed<T, B>::cache patch;
     typename nn::timestep_embedder<T, B>::cache temb;
     typename nn::label_embedder<T, B>::cache yemb;
@@ -151,7 +152,7 @@ class dit_model {
   /// Training forward: out [N, C_out*H*W] = DiT(x [N, C*H*W], t [N] (host, model time),
   /// labels [N] (host)). Labels are used as given (drop them first with drop_labels); the
   /// MoE blocks route with them. Fills `c` for backward.
-  void forward(const_matrix_view<T> x, std::span<const T> t, std::span<const std::int64_t> labels,
+  void forward(const_matrix_view<T> x, std::span<const compute_t<T>> t, std::span<const std::int64_t> labels,
                matrix_view<T> out, cache& c) {
     run(x, t, labels, out, c, true);
   }
@@ -159,13 +160,13 @@ class dit_model {
   /// Inference forward: as forward(), but the MoE blocks route in inference mode (batch-
   /// independent thresholds; the dense unconditional path for an all-null batch) and no
   /// auxiliary losses are computed. `c` only holds scratch afterwards: no backward.
-  void infer(const_matrix_view<T> x, std::span<const T> t, std::span<const std::int64_t> labels, matrix_view<T> out,
+  void infer(const_matrix_view<T> x, std::span<const compute_t<T>> t, std::span<const std::int64_t> labels, matrix_view<T> out,
              cache& c) {
     run(x, t, labels, out, c, false);
   }
 
  private:
-  void run(const_matrix_view<T> x, std::span<const T> t, std::span<const std::int64_t> labels, matrix_view<T> out,
+  void run(const_matrix_view<T> x, std::span<const compute_t<T>> t, std::span<const std::int64_t> labels, matrix_view<T> out,
            cache& c, bool training) {
     c.ready = false;
     const index_t n = x.rows, d = cfg_.hidden_size, tokens = cfg_.tokens(), rows = n * tokens;

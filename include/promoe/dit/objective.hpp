@@ -33,6 +33,7 @@
 
 #include "../backend/backend.hpp"
 #include "../backend/tensor.hpp"
+#include "../core/bf16.hpp"
 #include "../core/config.hpp"
 #include "../core/error.hpp"
 #include "../core/rng.hpp"
@@ -58,7 +59,7 @@ namespace promoe::dit {
 /// The model is called as a non-const lvalue (it may keep workspaces). Any DiT forward is
 /// one small lambda or struct away from this.
 template <class M, class T, class B>
-concept DiffusionModel = requires(M& model, const tensor<T, B>& x_t, const std::vector<T>& t,
+concept DiffusionModel = requires(M& model, const tensor<T, B>& x_t, const std::vector<compute_t<T>>& t,
                                   std::span<const std::int64_t> y, tensor<T, B>& out) {
   model(x_t, t, y, out);
 };
@@ -70,7 +71,7 @@ template <class Model, class T, class B>
 constexpr void require_diffusion_model() {
   static_assert(DiffusionModel<std::remove_reference_t<Model>, T, B>,
                 "promoe::dit: the model must be callable as model(const promoe::tensor<T, B>& x_t /*[N, C, H, "
-                "W]*/, const std::vector<T>& t /*[N] model time*/, std::span<const std::int64_t> y /*[N] "
+                "W]*/, const std::vector<compute_t<T>>& t /*[N] model time*/, std::span<const std::int64_t> y /*[N] "
                 "labels*/, promoe::tensor<T, B>& out /*resized to [N, C or 2C, H, W]*/) for the sampler's T and "
                 "B (see promoe::dit::DiffusionModel)");
 }
@@ -134,7 +135,7 @@ constexpr std::uint64_t sampler_step_noise(std::uint64_t k) { return sampler_bas
 template <class T, class B>
 struct training_batch {
   tensor<T, B> x_t;     ///< [N, C, H, W] noised input
-  std::vector<T> t;     ///< [N] model time (host): flow 1000 σ; DDPM the integer step
+  std::vector<compute_t<T>> t;  ///< [N] model time (host; float for bf16 models): flow 1000 σ; DDPM the integer step
   tensor<T, B> target;  ///< [N, C, H, W] flow: ε − x0; DDPM: ε
   std::vector<double> sigma;          ///< [N] flow: σ; DDPM: sqrt(1 − ᾱ_t) (the noise std)
   std::vector<std::int64_t> timestep;  ///< [N] DDPM: the step t; flow: empty
@@ -255,7 +256,7 @@ struct rectified_flow {
       const double logit = rng::normal(seed, streams::training_time(step), static_cast<std::uint64_t>(s));
       const double sigma = 1.0 / (1.0 + std::exp(-logit));
       batch.sigma[s] = sigma;
-      batch.t[s] = static_cast<T>(time_scale * sigma);
+      batch.t[s] = static_cast<compute_t<T>>(time_scale * sigma);
       coef[2 * s] = 1.0 - sigma;
       coef[2 * s + 1] = sigma;
     }
@@ -402,7 +403,7 @@ class ddpm {
       if (ts > steps - 1) ts = steps - 1;
       const double acp = schedule_.alphas_cumprod[static_cast<std::size_t>(ts)];
       batch.timestep[s] = ts;
-      batch.t[s] = static_cast<T>(ts);
+      batch.t[s] = static_cast<compute_t<T>>(ts);
       batch.sigma[s] = std::sqrt(1.0 - acp);
       coef[2 * s] = std::sqrt(acp);
       coef[2 * s + 1] = std::sqrt(1.0 - acp);

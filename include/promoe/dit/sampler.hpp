@@ -28,6 +28,7 @@
 
 #include "../backend/backend.hpp"
 #include "../backend/tensor.hpp"
+#include "../core/bf16.hpp"
 #include "../core/config.hpp"
 #include "../core/error.hpp"
 #include "../core/rng.hpp"
@@ -138,7 +139,7 @@ void check_sampler_args(const char* who, const tensor<T, B>& x, std::span<const 
 
 /// Calls the model and checks its output; returns C_out.
 template <class Model, class T, class B>
-index_t call_model(const char* who, Model& model, const tensor<T, B>& x, const std::vector<T>& t,
+index_t call_model(const char* who, Model& model, const tensor<T, B>& x, const std::vector<compute_t<T>>& t,
                    std::span<const std::int64_t> y, tensor<T, B>& out) {
   model(x, t, y, out);
   return check_model_output(who, x, out);
@@ -159,12 +160,12 @@ void eps_sampling_loop(const char* who, Model& model, tensor<T, B>& x, std::span
                        const ddpm_schedule& s, std::uint64_t seed, Params params) {
   const index_t n = x.dim(0);
   tensor<T, B> out;
-  std::vector<T> t(static_cast<std::size_t>(n));
+  std::vector<compute_t<T>> t(static_cast<std::size_t>(n));
   if (x.size() > 0)
     backend_traits<B>::parallel_for(x.size(), normal_fill_functor<T>{x.data(), seed, streams::sampler_initial_noise()});
   for (index_t j = 0; j < s.size(); ++j) {
     const index_t k = s.size() - 1 - j;
-    std::fill(t.begin(), t.end(), static_cast<T>(s.timesteps[static_cast<std::size_t>(k)]));
+    std::fill(t.begin(), t.end(), static_cast<compute_t<T>>(s.timesteps[static_cast<std::size_t>(k)]));
     const index_t c_out = call_model(who, model, x, t, y, out);
     if (x.size() == 0) continue;
     backend_traits<B>::parallel_for(
@@ -186,7 +187,7 @@ void euler_flow(Model&& model, tensor<T, B>& x, std::span<const std::int64_t> y,
   detail::check_sampler_args(who, x, y, o.steps);
   const index_t n = x.dim(0);
   tensor<T, B> out;
-  std::vector<T> t(static_cast<std::size_t>(n));
+  std::vector<compute_t<T>> t(static_cast<std::size_t>(n));
   if (x.size() > 0)
     backend_traits<B>::parallel_for(x.size(),
                                     detail::normal_fill_functor<T>{x.data(), o.seed, streams::sampler_initial_noise()});
@@ -194,7 +195,7 @@ void euler_flow(Model&& model, tensor<T, B>& x, std::span<const std::int64_t> y,
   for (index_t k = 0; k < o.steps; ++k) {
     const double sigma = static_cast<double>(o.steps - k) / steps;
     const double sigma_next = static_cast<double>(o.steps - k - 1) / steps;
-    std::fill(t.begin(), t.end(), static_cast<T>(rectified_flow::time_scale * sigma));
+    std::fill(t.begin(), t.end(), static_cast<compute_t<T>>(rectified_flow::time_scale * sigma));
     const index_t c_out = detail::call_model(who, model, x, t, y, out);
     if (x.size() == 0) continue;
     backend_traits<B>::parallel_for(

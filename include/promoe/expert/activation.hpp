@@ -123,7 +123,7 @@ struct backward_rows_functor {
   PROMOE_HOST_DEVICE void operator()(index_t r) const {
     for (index_t j = 0; j < cols; ++j) {
       const T g = dy[r * lddy + j] * Act::derivative(x[r * ldx + j]);
-      dx[r * lddx + j] = accumulate ? dx[r * lddx + j] + g : g;
+      dx[r * lddx + j] = accumulate ? T(dx[r * lddx + j] + g) : g;
     }
   }
 };

@@ -22,6 +22,12 @@
 /// the next successful save of the same path removes those whose writer process is gone
 /// (remove_stale_temp_files).
 ///
+/// bf16 training: groups of bf16 tensors (a bf16 model's weights) are passed as bf16_groups
+/// and stored widened to the checkpoint's scalar type (exact), and read back rounded (exact
+/// again for values that were bf16). The optimizer's float32 master weights and the float32
+/// EMA go in the ordinary groups. A bf16 run's checkpoint is thus an ordinary F32 checkpoint:
+/// a float32 model (or PyTorch) loads its groups as they are.
+///
 /// Loading validates everything before writing anything into the destination tensors:
 /// the safetensors structure, format and version, the metadata, the dtype, the config
 /// (compared as JSON: key order, whitespace and number spelling do not matter), the presence
@@ -73,6 +79,7 @@
 #endif
 
 #include "../backend/tensor.hpp"
+#include "../core/bf16.hpp"
 #include "../core/error.hpp"
 #include "../core/rng.hpp"
 #include "safetensors.hpp"
@@ -569,12 +576,14 @@ inline void check_checkpoint_config(const std::string& stored, const std::string
        " valid JSON; first difference at byte ", at, ": file ", excerpt(stored), ", expected ", excerpt(expected), ")");
 }
 
-/// Checks a group list for save or load: valid, distinct group names; distinct, non-empty
+/// Checks the group lists (float and bf16) of a save or load: valid group names, distinct over
+/// both lists; distinct, non-empty
 /// tensor names; non-negative shapes; a value pointer wherever there are elements.
 template <class T, class B>
-void check_groups(const std::vector<checkpoint_group<T, B>>& groups, const char* fn) {
+void check_groups(const std::vector<checkpoint_group<T, B>>& groups,
+                  const std::vector<checkpoint_group<bf16, B>>& bf16_groups, const char* fn) {
   std::set<std::string> names;
-  for (const auto& g : groups) {
+  const auto check = [&](const auto& g) {
     PROMOE_CHECK(valid_group_name(g.name), fn, ": group name '", g.name,
                  "' must be non-empty and contain neither '/' nor ','");
     PROMOE_CHECK(names.insert(g.name).second, fn, ": group '", g.name, "' appears twice");
@@ -589,7 +598,9 @@ void check_groups(const std::vector<checkpoint_group<T, B>>& groups, const char*
       PROMOE_CHECK(p.size() == 0 || p.value != nullptr, fn, ": tensor '", g.name, "/", p.name,
                    "' has a null value pointer");
     }
-  }
+  };
+  for (const auto& g : groups) check(g);
+  for (const auto& g : bf16_groups) check(g);
 }
 
 }  // namespace detail
@@ -642,9 +653,9 @@ inline std::size_t remove_stale_temp_files(const std::string& path) {
 /// keeps its previous contents and no temporary file remains.
 template <class T, class B>
 void save_checkpoint(const std::string& path, const std::vector<checkpoint_group<T, B>>& groups,
-                     const checkpoint_info& info) {
+                     const checkpoint_info& info, const std::vector<checkpoint_group<bf16, B>>& bf16_groups = {}) {
   constexpr dtype type = detail::checkpoint_dtype<T>();
-  detail::check_groups(groups, "save_checkpoint");
+  detail::check_groups(groups, bf16_groups, "save_checkpoint");
   for (const auto& [k, v] : info.extra)
     PROMOE_CHECK(!detail::checkpoint_reserved(k), "save_checkpoint: extra metadata key '", k,
                  "' is reserved (format, version, dtype, groups, step, rng_seed, rng_streams, config)");
@@ -661,7 +672,19 @@ void save_checkpoint(const std::string& path, const std::vector<checkpoint_group
       w.add(g.name + "/" + p.name, type, std::vector<std::int64_t>(p.shape.begin(), p.shape.end()), host.data());
     }
   }
+  std::vector<bf16> half;
+  for (const auto& g : bf16_groups) {
+    group_list += (group_list.empty() ? "" : ",") + g.name;
+    for (const auto& p : g.tensors) {
+      const index_t n = p.size();
+      half.resize(static_cast<std::size_t>(n));
+      if (n > 0) backend_traits<B>::copy_to_host(p.value, n, half.data());
+      host.assign(half.begin(), half.end());  // widened: exact
+      w.add(g.name + "/" + p.name, type, std::vector<std::int64_t>(p.shape.begin(), p.shape.end()), host.data());
+    }
+  }
   host = {};
+  half = {};
   w.set_metadata("format", std::string(checkpoint_format));
   w.set_metadata("version", std::string(checkpoint_version));
   w.set_metadata("dtype", std::string(dtype_name(type)));
@@ -697,9 +720,10 @@ inline checkpoint_info read_checkpoint_info(const std::string& path) {
 /// expected_config with the stored config as JSON.
 template <class T, class B>
 checkpoint_info load_checkpoint(const std::string& path, const std::vector<checkpoint_group<T, B>>& groups,
-                                const std::string& expected_config) {
+                                const std::string& expected_config,
+                                const std::vector<checkpoint_group<bf16, B>>& bf16_groups = {}) {
   constexpr dtype type = detail::checkpoint_dtype<T>();
-  detail::check_groups(groups, "load_checkpoint");
+  detail::check_groups(groups, bf16_groups, "load_checkpoint");
   const safetensors_file file = safetensors_file::read(path);
   checkpoint_info info = detail::checkpoint_info_from(
       file.metadata(), file.names(), [&](const std::string& n) -> const tensor_entry& { return file.at(n); }, path);
@@ -712,7 +736,7 @@ checkpoint_info load_checkpoint(const std::string& path, const std::vector<check
 
   // Which file tensors each listed group has.
   std::map<std::string, std::set<std::string>> in_file;
-  for (const auto& g : groups) {
+  const auto list_group = [&](const auto& g) {
     if (std::find(info.groups.begin(), info.groups.end(), g.name) == info.groups.end()) {
       std::string have;
       for (const auto& x : info.groups) have += (have.empty() ? "'" : ", '") + x + "'";
@@ -720,12 +744,14 @@ checkpoint_info load_checkpoint(const std::string& path, const std::vector<check
            ")");
     }
     in_file[g.name];
-  }
+  };
+  for (const auto& g : groups) list_group(g);
+  for (const auto& g : bf16_groups) list_group(g);
   for (const auto& n : file.names()) {
     const std::string g = n.substr(0, n.find('/'));
     if (const auto it = in_file.find(g); it != in_file.end()) it->second.insert(n.substr(g.size() + 1));
   }
-  for (const auto& g : groups) {
+  const auto check_group = [&](const auto& g) {
     std::set<std::string> expected;
     for (const auto& p : g.tensors) {
       const std::string full = g.name + "/" + p.name;
@@ -747,7 +773,9 @@ checkpoint_info load_checkpoint(const std::string& path, const std::vector<check
     if (unexpected)
       fail(path, ": the checkpoint's tensor '", g.name, "/", first, "' is not expected in group '", g.name, "' (",
            unexpected, " unexpected tensor", unexpected == 1 ? "" : "s", " in the group)");
-  }
+  };
+  for (const auto& g : groups) check_group(g);
+  for (const auto& g : bf16_groups) check_group(g);
 
   // Everything checked: copy into the destinations (through an aligned host buffer).
   std::vector<T> host;
@@ -759,6 +787,17 @@ checkpoint_info load_checkpoint(const std::string& path, const std::vector<check
       host.resize(static_cast<std::size_t>(n));
       std::memcpy(host.data(), bytes.data(), bytes.size());
       backend_traits<B>::copy_from_host(host.data(), n, p.value);
+    }
+  std::vector<bf16> half;
+  for (const auto& g : bf16_groups)
+    for (const auto& p : g.tensors) {
+      const index_t n = p.size();
+      if (n == 0) continue;
+      const auto bytes = file.data(g.name + "/" + p.name);
+      host.resize(static_cast<std::size_t>(n));
+      std::memcpy(host.data(), bytes.data(), bytes.size());
+      half.assign(host.begin(), host.end());  // rounded to bf16
+      backend_traits<B>::copy_from_host(half.data(), n, p.value);
     }
   return info;
 }

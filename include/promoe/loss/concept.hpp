@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "../backend/cpu.hpp"
+#include "../core/bf16.hpp"
 #include "../router/concept.hpp"
 #include "../router/score.hpp"
 #include "../routing/dispatch_plan.hpp"
@@ -67,9 +68,9 @@ struct column_mean_functor {
   index_t tokens, experts, counted;
   T* mean;  // [E]
   PROMOE_HOST_DEVICE void operator()(index_t e) const {
-    T s = T(0);
+    compute_t<T> s = 0;
     for (index_t t = 0; t < tokens; ++t) s += token_weight(mask, t) * m[t * experts + e];
-    mean[e] = counted ? s / T(counted) : T(0);
+    mean[e] = counted ? T(s / compute_t<T>(counted)) : T(0);
   }
 };
 }  // namespace detail

@@ -12,6 +12,7 @@
 
 #include "../backend/ops.hpp"
 #include "../backend/tensor.hpp"
+#include "../core/bf16.hpp"
 #include "../router/score.hpp"
 #include "concept.hpp"
 
@@ -31,7 +32,7 @@ struct load_balance_backward_functor {
     const T w = token_weight(mask, t);
     if (w == T(0)) return;
     const T* p = probs + t * experts;
-    T dot = T(0);
+    compute_t<T> dot = 0;
     for (index_t e = 0; e < experts; ++e) dot += g[e] * p[e];
     for (index_t e = 0; e < experts; ++e) dlogits[t * experts + e] += w * p[e] * (g[e] - dot);
   }
@@ -45,7 +46,7 @@ struct masked_expert_count_functor {
   index_t tokens, slots;
   T* count;  // [E]
   PROMOE_HOST_DEVICE void operator()(index_t e) const {
-    T s = T(0);
+    compute_t<T> s = 0;
     for (index_t t = 0; t < tokens; ++t)
       for (index_t q = 0; q < slots; ++q)
         if (slot_expert[t * slots + q] == e) s += mask[t];

@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "../backend/tensor.hpp"
+#include "../core/bf16.hpp"
 #include "concept.hpp"
 
 namespace promoe::loss {
@@ -25,7 +26,7 @@ struct logsumexp_functor {
     const T* z = logits + t * experts;
     T m = z[0];
     for (index_t e = 1; e < experts; ++e) m = z[e] > m ? z[e] : m;
-    T s = T(0);
+    compute_t<T> s = 0;
     for (index_t e = 0; e < experts; ++e) s += exp(z[e] - m);
     lse[t] = m + log(s);
     square[t] = token_weight(mask, t) * lse[t] * lse[t];

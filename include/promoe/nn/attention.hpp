@@ -24,6 +24,7 @@
 #include "../backend/ops.hpp"
 #include "../backend/tensor.hpp"
 #include "../backend/softmax.hpp"
+#include "../core/bf16.hpp"
 #include "../core/error.hpp"
 #include "../core/precision.hpp"
 #include "../core/rng.hpp"
@@ -92,7 +93,7 @@ class attention {
     qkv.forward(x, c.qkv.matrix());
     const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(hd)));
     const matrix_view<T> out = c.out.matrix();
-    if constexpr (backend_core_) {
+    if constexpr (backend_core_ && !is_storage_half_v<T>) {
       if (!rounds_to_bf16_()) {
         backend_traits<B>::attention_forward(s_count, tokens, heads_, hd, scale, c.qkv.data(), c.probs.data(),
                                              c.out.data());
@@ -145,7 +146,7 @@ class attention {
     // Every element of d_qkv is written exactly once (dQ, dK, dV of each head, each sample),
     // so no zeroing.
     const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(hd)));
-    if constexpr (backend_core_) {
+    if constexpr (backend_core_ && !is_storage_half_v<T>) {
       if (!rounds_to_bf16_()) {
         backend_traits<B>::attention_backward(s_count, tokens, heads_, hd, scale, c.qkv.data(), c.probs.data(),
                                               c.d_out.data(), c.d_qkv.data());
@@ -212,9 +213,11 @@ class attention {
     backend_traits<B>::attention_forward(i, i, i, i, x, in, io, io);
     backend_traits<B>::attention_backward(i, i, i, i, x, in, in, in, io);
   };
-  /// Under bf16 matmul precision float products round their operands, which the backend
-  /// GEMMs do.
-  static bool rounds_to_bf16_() { return std::is_same_v<T, float> && get_matmul_precision() == matmul_precision::bf16; }
+  /// bf16 products (bf16 tensors, or float ones under bf16 matmul precision) round or widen
+  /// their operands, which the backend GEMMs do.
+  static bool rounds_to_bf16_() {
+    return std::is_same_v<T, bf16> || (std::is_same_v<T, float> && get_matmul_precision() == matmul_precision::bf16);
+  }
 
   index_t dim_ = 0, heads_ = 0;
 };

@@ -13,6 +13,7 @@
 
 #include "../backend/backend.hpp"
 #include "../backend/tensor.hpp"
+#include "../core/bf16.hpp"
 #include "../core/error.hpp"
 #include "../core/lane_sum.hpp"
 #include "../core/view.hpp"
@@ -44,9 +45,9 @@ struct layer_norm_forward_functor {
   PROMOE_HOST_DEVICE void operator()(index_t r) const {
     using std::sqrt;
     const T* xr = x + r * ldx;
-    const T m = lane_sum<T>(d, [xr](index_t j) { return xr[j]; }) / T(d);
-    const T v = lane_sum<T>(d, [xr, m](index_t j) { return (xr[j] - m) * (xr[j] - m); });
-    const T rs = T(1) / sqrt(v / T(d) + eps);
+    const compute_t<T> m = lane_sum<compute_t<T>>(d, [xr](index_t j) { return xr[j]; }) / compute_t<T>(d);
+    const compute_t<T> v = lane_sum<compute_t<T>>(d, [xr, m](index_t j) { return (xr[j] - m) * (xr[j] - m); });
+    const compute_t<T> rs = compute_t<T>(1) / sqrt(v / compute_t<T>(d) + eps);
     T* yr = y + r * ldy;
     T* hr = xhat + r * d;
     if (shift) {
@@ -97,9 +98,9 @@ struct layer_norm_backward_functor {
   template <class G>
   PROMOE_HOST_DEVICE void row(index_t r, G g) const {
     const T* hr = xhat + r * d;
-    const T sg = lane_sum<T>(d, g);
-    const T sgh = lane_sum<T>(d, [g, hr](index_t j) { return g(j) * hr[j]; });
-    const T mg = sg / T(d), mgh = sgh / T(d), rs = rstd[r];
+    const compute_t<T> sg = lane_sum<compute_t<T>>(d, g);
+    const compute_t<T> sgh = lane_sum<compute_t<T>>(d, [g, hr](index_t j) { return g(j) * hr[j]; });
+    const compute_t<T> mg = sg / compute_t<T>(d), mgh = sgh / compute_t<T>(d), rs = rstd[r];
     T* dr = dx + r * lddx;
     for (index_t j = 0; j < d; ++j) dr[j] += rs * (g(j) - mg - hr[j] * mgh);
   }

@@ -80,7 +80,7 @@ struct patch_copy_functor {
           const index_t col = channels_last ? (i * patch + j) * channels + c : (c * patch + i) * patch + j;
           const index_t from = to_images ? token_base + col : pixel;
           const index_t to = to_images ? pixel : token_base + col;
-          dst[to] = accumulate ? dst[to] + src[from] : src[from];
+          dst[to] = accumulate ? T(dst[to] + src[from]) : src[from];
         }
   }
 };

@@ -15,6 +15,7 @@
 
 #include "../backend/ops.hpp"
 #include "../backend/tensor.hpp"
+#include "../core/bf16.hpp"
 #include "../core/error.hpp"
 #include "../core/rng.hpp"
 #include "../expert/activation.hpp"
@@ -25,9 +26,9 @@ namespace promoe::nn {
 
 namespace detail {
 /// out[r, :] = [cos(t_r f_0 ..), sin(t_r f_0 ..)], f_i = exp(-ln(max_period) i / half), in double.
-template <class T>
+template <class T, class Time = T>
 struct timestep_frequency_functor {
-  const T* t;  // [n]
+  const Time* t;  // [n]
   T* out;      // [n, 2 * half], leading dimension ld
   index_t ld, half;
   double log_max_period;
@@ -51,12 +52,12 @@ struct timestep_frequency_functor {
 /// out [n, 2*half] = the sinusoidal embedding of the timesteps t [n] (backend memory):
 /// cos in the first half of the columns, sin in the second, frequencies
 /// f_i = max_period^(-i / half). out.cols must be even (half = out.cols / 2).
-template <class B, class T>
-void timestep_frequency_embedding(const T* t, index_t n, matrix_view<T> out, double max_period = 10000.0) {
+template <class B, class T, class Time>
+void timestep_frequency_embedding(const Time* t, index_t n, matrix_view<T> out, double max_period = 10000.0) {
   PROMOE_CHECK(out.rows == n && out.cols >= 2 && out.cols % 2 == 0, "timestep_frequency_embedding: out is [",
                out.rows, ", ", out.cols, "], expected [", n, ", an even number of columns]");
   backend_traits<B>::parallel_for(
-      n, detail::timestep_frequency_functor<T>{t, out.data, out.ld, out.cols / 2, std::log(max_period)});
+      n, detail::timestep_frequency_functor<T, Time>{t, out.data, out.ld, out.cols / 2, std::log(max_period)});
 }
 
 template <class T, class B>
@@ -95,8 +96,9 @@ class timestep_embedder {
   }
 
   /// y [n, D] = mlp.2(SiLU(mlp.0(frequency_embedding(t)))) for timesteps t [n] in backend
-  /// memory (any real values, e.g. 0 .. 1000).
-  void forward(const T* t, index_t n, matrix_view<T> y, cache& c) const {
+  /// memory (any real values, e.g. 0 .. 1000; float for bf16 models, whose 8-bit mantissa
+  /// would quantise the time).
+  void forward(const compute_t<T>* t, index_t n, matrix_view<T> y, cache& c) const {
     PROMOE_CHECK(n >= 0 && (n == 0 || t != nullptr), "nn::timestep_embedder: t must hold n = ", n,
                  " timesteps");
     PROMOE_CHECK(y.rows == n && y.cols == dim_, "nn::timestep_embedder: y is [", y.rows, ", ", y.cols,

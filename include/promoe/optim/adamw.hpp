@@ -17,6 +17,12 @@
 /// to the last bit or two (PyTorch's vectorised CPU kernels may fuse a multiply-add; PyTorch
 /// >= 2.0 writes the first moment as a lerp, which rounds differently by an ulp).
 ///
+/// bf16 parameters (T = bf16) train with float32 master weights: the optimizer keeps a float
+/// copy of every parameter (`master.<name>` in state()) and float moments, runs the update on
+/// the master copy with the widened bf16 gradient, and writes the master rounded to bf16 back
+/// into the parameter; updates smaller than a bf16 ulp of the weight accumulate in the master
+/// instead of being lost. For float and double parameters there is no master copy.
+///
 /// Entries whose grad pointer is null (buffers) are skipped. The optimizer keeps the value and
 /// grad pointers it was built from: the parameters must outlive it and not be reallocated.
 #pragma once
@@ -31,6 +37,7 @@
 
 #include "../backend/backend.hpp"
 #include "../backend/tensor.hpp"
+#include "../core/bf16.hpp"
 #include "../core/config.hpp"
 #include "../core/error.hpp"
 
@@ -49,30 +56,43 @@ struct adamw_options {
 namespace detail {
 
 /// One AdamW update of element i; the operation order is PyTorch's (see the file comment).
-template <class T>
+/// S is the state's type: T itself, or float for bf16 parameters, whose update runs on the
+/// master copy and is rounded into the parameter.
+template <class T, class S = compute_t<T>>
 struct adamw_step_functor {
+  static constexpr bool keeps_master = !std::is_same_v<T, S>;
   T* param;
   const T* grad;
-  T* exp_avg;
-  T* exp_avg_sq;
-  T decay;  // 1 - lr * weight_decay
-  T beta1, one_minus_beta1, beta2, one_minus_beta2;
-  T bias_correction2_sqrt, eps, neg_step_size;
+  S* master;  // [n] float32 master weights (keeps_master), else unused
+  S* exp_avg;
+  S* exp_avg_sq;
+  S decay;  // 1 - lr * weight_decay
+  S beta1, one_minus_beta1, beta2, one_minus_beta2;
+  S bias_correction2_sqrt, eps, neg_step_size;
 
   PROMOE_HOST_DEVICE void operator()(index_t i) const {
     using std::sqrt;
-    const T g = grad[i];
-    T p = param[i] * decay;
-    T m = exp_avg[i] * beta1;
+    const S g = grad[i];
+    S p = (keeps_master ? master[i] : S(param[i])) * decay;
+    S m = exp_avg[i] * beta1;
     m = m + one_minus_beta1 * g;
-    T v = exp_avg_sq[i] * beta2;
+    S v = exp_avg_sq[i] * beta2;
     v = v + one_minus_beta2 * g * g;
-    const T denom = sqrt(v) / bias_correction2_sqrt + eps;
+    const S denom = sqrt(v) / bias_correction2_sqrt + eps;
     p = p + neg_step_size * m / denom;
     exp_avg[i] = m;
     exp_avg_sq[i] = v;
-    param[i] = p;
+    if constexpr (keeps_master) master[i] = p;
+    param[i] = T(p);
   }
+};
+
+/// master[i] = value[i], widened.
+template <class T, class S>
+struct widen_functor {
+  const T* value;
+  S* master;
+  PROMOE_HOST_DEVICE void operator()(index_t i) const { master[i] = static_cast<S>(value[i]); }
 };
 
 }  // namespace detail
@@ -82,9 +102,12 @@ class adamw {
  public:
   using traits = backend_traits<B>;
   using value_type = T;
+  using state_type = compute_t<T>;  ///< master weights and moments: float for bf16 parameters
   using options_type = adamw_options;
+  static constexpr bool keeps_master = !std::is_same_v<T, state_type>;
 
-  /// Takes every entry of `params` with a non-null grad; the state starts at zero, step 0.
+  /// Takes every entry of `params` with a non-null grad; the state starts at zero, step 0
+  /// (bf16 parameters: the master weights start as the parameters' values).
   explicit adamw(const std::vector<named_parameter<T>>& params, adamw_options options = {}) : opt_(options) {
     validate_(opt_);
     std::set<std::string> names;
@@ -97,11 +120,23 @@ class adamw {
       params_.push_back(p);
       exp_avg_.emplace_back(p.shape);
       exp_avg_sq_.emplace_back(p.shape);
-      exp_avg_.back().fill(T(0));
-      exp_avg_sq_.back().fill(T(0));
+      exp_avg_.back().fill(state_type(0));
+      exp_avg_sq_.back().fill(state_type(0));
+      if constexpr (keeps_master) master_.emplace_back(p.shape);
       for (index_t first = 0; first < n; first += update_piece)
         pieces_.push_back({params_.size() - 1, first, std::min(update_piece, n - first)});
     }
+    reload_master();
+  }
+
+  /// Copies the parameters' current values into the master weights (bf16 parameters; no-op
+  /// otherwise): after the parameters were written from outside (a model-only checkpoint
+  /// loaded after the optimizer was made). A checkpoint of state() restores the masters.
+  void reload_master() {
+    if constexpr (keeps_master)
+      for (std::size_t k = 0; k < params_.size(); ++k)
+        if (params_[k].size() > 0)
+          traits::parallel_for(params_[k].size(), detail::widen_functor<T, state_type>{params_[k].value, master_[k].data()});
   }
 
   /// One update of every parameter with learning rate lr (lr also scales the weight decay,
@@ -115,18 +150,20 @@ class adamw {
     const double step_size = lr / bias_correction1;
     const double bias_correction2_sqrt = std::sqrt(bias_correction2);
     const auto update = [&](std::size_t k) {
+      using S = state_type;
       return detail::adamw_step_functor<T>{params_[k].value,
                                            params_[k].grad,
+                                           keeps_master ? master_[k].data() : nullptr,
                                            exp_avg_[k].data(),
                                            exp_avg_sq_[k].data(),
-                                           static_cast<T>(1.0 - lr * opt_.weight_decay),
-                                           static_cast<T>(opt_.beta1),
-                                           static_cast<T>(1.0 - opt_.beta1),
-                                           static_cast<T>(opt_.beta2),
-                                           static_cast<T>(1.0 - opt_.beta2),
-                                           static_cast<T>(bias_correction2_sqrt),
-                                           static_cast<T>(opt_.eps),
-                                           static_cast<T>(-step_size)};
+                                           static_cast<S>(1.0 - lr * opt_.weight_decay),
+                                           static_cast<S>(opt_.beta1),
+                                           static_cast<S>(1.0 - opt_.beta1),
+                                           static_cast<S>(opt_.beta2),
+                                           static_cast<S>(1.0 - opt_.beta2),
+                                           static_cast<S>(bias_correction2_sqrt),
+                                           static_cast<S>(opt_.eps),
+                                           static_cast<S>(-step_size)};
     };
     if constexpr (traits::concurrent_tasks) {
       // Pieces of every tensor as tasks of one parallel pass: most tensors are too small for a
@@ -151,12 +188,15 @@ class adamw {
   }
 
   /// The state tensors as named views into the optimizer's memory, grad null:
-  /// `exp_avg.<name>` then `exp_avg_sq.<name>` for each optimised parameter, in order.
-  /// Writing through the pointers restores a checkpoint (then set_step()).
-  std::vector<named_parameter<T>> state() {
-    std::vector<named_parameter<T>> out;
-    out.reserve(2 * params_.size());
+  /// `exp_avg.<name>` then `exp_avg_sq.<name>` for each optimised parameter, in order (bf16
+  /// parameters: `master.<name>` first). Writing through the pointers restores a checkpoint
+  /// (then set_step()).
+  std::vector<named_parameter<state_type>> state() {
+    std::vector<named_parameter<state_type>> out;
+    out.reserve(3 * params_.size());
     for (std::size_t k = 0; k < params_.size(); ++k) {
+      if constexpr (keeps_master)
+        out.push_back({"master." + params_[k].name, params_[k].shape, master_[k].data(), nullptr});
       out.push_back({"exp_avg." + params_[k].name, params_[k].shape, exp_avg_[k].data(), nullptr});
       out.push_back({"exp_avg_sq." + params_[k].name, params_[k].shape, exp_avg_sq_[k].data(), nullptr});
     }
@@ -191,7 +231,8 @@ class adamw {
   };
 
   std::vector<named_parameter<T>> params_;
-  std::vector<tensor<T, B>> exp_avg_, exp_avg_sq_;
+  std::vector<tensor<state_type, B>> exp_avg_, exp_avg_sq_;
+  std::vector<tensor<state_type, B>> master_;  ///< float32 master weights (bf16 parameters only)
   std::vector<piece> pieces_;  ///< every parameter in pieces of at most update_piece elements
   std::int64_t step_ = 0;
 };

@@ -8,7 +8,10 @@
 ///
 /// The shadow starts as a copy of the values. shadow() names its tensors like the parameters,
 /// so a checkpoint saves them as the EMA model's state dict; copy_to() / swap() put the
-/// averages into the live model for sampling. The ema keeps the value pointers it was built
+/// averages into the live model for sampling. bf16 parameters are averaged in float32 (an
+/// update of (1 - decay) * (value - shadow) with decay 0.9999 is far below a bf16 ulp of the
+/// shadow, so a bf16 average would never move); copy_to() and swap() round the averages into
+/// the bf16 values. The ema keeps the value pointers it was built
 /// from: the parameters must outlive it and not be reallocated.
 #pragma once
 
@@ -21,6 +24,7 @@
 
 #include "../backend/backend.hpp"
 #include "../backend/tensor.hpp"
+#include "../core/bf16.hpp"
 #include "../core/config.hpp"
 #include "../core/error.hpp"
 
@@ -28,16 +32,25 @@ namespace promoe::optim {
 
 namespace detail {
 
-/// shadow[i] = shadow[i] * decay + one_minus_decay * value[i], in PyTorch's order.
-template <class T>
+/// shadow[i] = shadow[i] * decay + one_minus_decay * value[i], in PyTorch's order; S is the
+/// shadow's type (float for bf16 values).
+template <class T, class S>
 struct ema_update_functor {
-  T* shadow;
+  S* shadow;
   const T* value;
-  T decay, one_minus_decay;
+  S decay, one_minus_decay;
   PROMOE_HOST_DEVICE void operator()(index_t i) const {
-    const T s = shadow[i] * decay;
-    shadow[i] = s + one_minus_decay * value[i];
+    const S s = shadow[i] * decay;
+    shadow[i] = s + one_minus_decay * static_cast<S>(value[i]);
   }
+};
+
+/// to[i] = from[i], converted (widened or rounded).
+template <class From, class To>
+struct convert_functor {
+  const From* from;
+  To* to;
+  PROMOE_HOST_DEVICE void operator()(index_t i) const { to[i] = static_cast<To>(from[i]); }
 };
 
 /// Exchanges a[i] and b[i].
@@ -59,6 +72,7 @@ class ema {
  public:
   using traits = backend_traits<B>;
   using value_type = T;
+  using shadow_type = compute_t<T>;  ///< the averages' type: float for bf16 values
 
   /// Tracks every entry of `params` with a gradient (a parameter) and, when include_buffers,
   /// also those without one (buffers); the shadow starts as a copy of their values.
@@ -75,7 +89,7 @@ class ema {
                    "' appears twice; shadow names must be unique");
       tracked_.push_back({p.name, p.shape, p.value, nullptr});
       shadow_.emplace_back(p.shape);
-      traits::copy(p.value, n, shadow_.back().data());
+      assign_(p.value, n, shadow_.back().data());
     }
   }
 
@@ -87,14 +101,15 @@ class ema {
     for (std::size_t k = 0; k < tracked_.size(); ++k) {
       const index_t n = tracked_[k].size();
       if (n == 0) continue;
-      traits::parallel_for(n, detail::ema_update_functor<T>{shadow_[k].data(), tracked_[k].value, static_cast<T>(decay),
-                                                            static_cast<T>(1.0 - decay)});
+      traits::parallel_for(n, detail::ema_update_functor<T, shadow_type>{shadow_[k].data(), tracked_[k].value,
+                                                                         static_cast<shadow_type>(decay),
+                                                                         static_cast<shadow_type>(1.0 - decay)});
     }
   }
 
   /// shadow = value for every tracked entry (a restart of the average).
   void reset() {
-    for (std::size_t k = 0; k < tracked_.size(); ++k) traits::copy(tracked_[k].value, tracked_[k].size(), shadow_[k].data());
+    for (std::size_t k = 0; k < tracked_.size(); ++k) assign_(tracked_[k].value, tracked_[k].size(), shadow_[k].data());
   }
 
   double decay() const { return decay_; }
@@ -105,8 +120,8 @@ class ema {
 
   /// The averages as named views into the ema's memory (names and shapes of the tracked
   /// entries, grad null). Writing through the pointers restores a checkpoint.
-  std::vector<named_parameter<T>> shadow() {
-    std::vector<named_parameter<T>> out;
+  std::vector<named_parameter<shadow_type>> shadow() {
+    std::vector<named_parameter<shadow_type>> out;
     out.reserve(tracked_.size());
     for (std::size_t k = 0; k < tracked_.size(); ++k)
       out.push_back({tracked_[k].name, tracked_[k].shape, shadow_[k].data(), nullptr});
@@ -122,21 +137,45 @@ class ema {
   void copy_to(const std::vector<named_parameter<T>>& params) const {
     const auto by_name = index_of_(params);
     for (std::size_t k = 0; k < tracked_.size(); ++k)
-      traits::copy(shadow_[k].data(), tracked_[k].size(), match_(params, by_name, k, "optim::ema::copy_to").value);
+      assign_(shadow_[k].data(), tracked_[k].size(), match_(params, by_name, k, "optim::ema::copy_to").value);
   }
 
   /// Exchanges the averages with the values of the matching entries of `params` (same rules
   /// as copy_to). Calling it twice restores both: swap, sample with the EMA weights, swap back.
+  /// bf16 values: the first call keeps the live values aside and writes the rounded averages,
+  /// the second puts the live values back (the float averages are never rounded).
   void swap(const std::vector<named_parameter<T>>& params) {
     const auto by_name = index_of_(params);
+    if constexpr (!std::is_same_v<T, shadow_type>) {
+      if (set_aside_.empty())
+        for (const auto& t : tracked_) set_aside_.emplace_back(t.shape);
+    }
     for (std::size_t k = 0; k < tracked_.size(); ++k) {
       T* live = match_(params, by_name, k, "optim::ema::swap").value;
       const index_t n = tracked_[k].size();
-      if (n > 0) traits::parallel_for(n, detail::swap_functor<T>{shadow_[k].data(), live});
+      if (n == 0) continue;
+      if constexpr (std::is_same_v<T, shadow_type>) {
+        traits::parallel_for(n, detail::swap_functor<T>{shadow_[k].data(), live});
+      } else if (!swapped_) {
+        traits::copy(live, n, set_aside_[k].data());
+        assign_(shadow_[k].data(), n, live);
+      } else {
+        traits::copy(set_aside_[k].data(), n, live);
+      }
     }
+    if constexpr (!std::is_same_v<T, shadow_type>) swapped_ = !swapped_;
   }
 
  private:
+  /// to = from, converted between T and shadow_type where they differ.
+  template <class From, class To>
+  static void assign_(const From* from, index_t n, To* to) {
+    if constexpr (std::is_same_v<From, To>) {
+      traits::copy(from, n, to);
+    } else if (n > 0) {
+      traits::parallel_for(n, detail::convert_functor<From, To>{from, to});
+    }
+  }
   static void check_decay_(double decay, const char* where) {
     PROMOE_CHECK(decay >= 0.0 && decay <= 1.0, where, ": decay must be in [0, 1], got ", decay);
   }
@@ -164,7 +203,9 @@ class ema {
 
   double decay_;
   std::vector<named_parameter<T>> tracked_;
-  std::vector<tensor<T, B>> shadow_;
+  std::vector<tensor<shadow_type, B>> shadow_;
+  std::vector<tensor<T, B>> set_aside_;  ///< live bf16 values while swapped out (bf16 only)
+  bool swapped_ = false;
 };
 
 }  // namespace promoe::optim

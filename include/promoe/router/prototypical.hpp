@@ -10,6 +10,7 @@
 #include "../backend/init.hpp"
 #include "../backend/ops.hpp"
 #include "../backend/tensor.hpp"
+#include "../core/bf16.hpp"
 #include "../core/lane_sum.hpp"
 #include "../core/rng.hpp"
 #include "../routing/dispatch_plan.hpp"
@@ -38,7 +39,7 @@ struct row_norms_functor {
   PROMOE_HOST_DEVICE void operator()(index_t r) const {
     using std::sqrt;
     const T* in = x + r * ldx;
-    norm[r] = sqrt(lane_sum<T>(d, [in](index_t j) { return in[j] * in[j]; }));
+    norm[r] = sqrt(lane_sum<compute_t<T>>(d, [in](index_t j) { return in[j] * in[j]; }));
   }
 };
 
@@ -82,13 +83,13 @@ struct cosine_backward_functor {
   T* coef;  // [rows]
   PROMOE_HOST_DEVICE void operator()(index_t r) const {
     const T inv = inverse_norm(norm[r]);
-    T dot = T(0);
+    compute_t<T> dot = 0;
     for (index_t j = 0; j < e; ++j) {
       T& g = dlogits[r * e + j];
       g *= scale * inv;
       dot += g * logits[r * e + j];
     }
-    coef[r] = norm[r] > T(normalize_eps) ? dot * inv / scale : T(0);
+    coef[r] = norm[r] > T(normalize_eps) ? T(dot * inv / scale) : T(0);
   }
 };
 
@@ -121,7 +122,7 @@ struct normalize_backward_functor {
     const T* g = dy + r * d;
     T* out = dx + r * lddx;
     if (norm[r] > T(normalize_eps)) {
-      const T dot = lane_sum<T>(d, [yr, g](index_t j) { return yr[j] * g[j]; });
+      const compute_t<T> dot = lane_sum<compute_t<T>>(d, [yr, g](index_t j) { return yr[j] * g[j]; });
       for (index_t j = 0; j < d; ++j) out[j] += (g[j] - yr[j] * dot) / norm[r];
     } else {
       for (index_t j = 0; j < d; ++j) out[j] += g[j] / T(normalize_eps);

@@ -10,6 +10,7 @@
 #include <ostream>
 #include <string>
 
+#include "../core/bf16.hpp"
 #include "../core/config.hpp"
 #include "../core/error.hpp"
 
@@ -48,7 +49,7 @@ PROMOE_HOST_DEVICE void apply(score_fn f, const T* z, T* p, index_t n) {
   if (f == score_fn::softmax) {
     T m = z[0];
     for (index_t e = 1; e < n; ++e) m = z[e] > m ? z[e] : m;
-    T s = T(0);
+    compute_t<T> s = 0;
     for (index_t e = 0; e < n; ++e) {
       p[e] = exp(z[e] - m);
       s += p[e];
@@ -72,7 +73,7 @@ PROMOE_HOST_DEVICE void backward(score_fn f, const T* p, const T* ds, T* dz, ind
     if (f == score_fn::softmax) g = p[e] * (ds[e] - weighted);
     else if (f == score_fn::sigmoid) g = ds[e] * p[e] * (T(1) - p[e]);
     else g = ds[e];
-    dz[e] = accumulate ? dz[e] + g : g;
+    dz[e] = accumulate ? T(dz[e] + g) : g;
   }
 }
 

@@ -6,6 +6,7 @@
 #pragma once
 
 #include "../backend/tensor.hpp"
+#include "../core/bf16.hpp"
 #include "../core/error.hpp"
 #include "../routing/dispatch_plan.hpp"
 #include "concept.hpp"
@@ -42,7 +43,7 @@ struct top_k_select_functor {
     score::apply(fn, z, p, experts);
     std::int32_t* se = slot_expert + t * k;
     T* sg = slot_gate + t * k;
-    T total = T(0);
+    compute_t<T> total = 0;
     for (index_t s = 0; s < k; ++s) {
       index_t best = -1;
       for (index_t e = 0; e < experts; ++e) {
@@ -78,26 +79,27 @@ struct top_k_backward_functor {
     const T* sg = slot_gate + t * k;
     const T* dg = dgate + t * k;
     // gradient at the chosen scores a_s; with renormalisation g_s = a_s / S
-    T sum_a = T(0), dot = T(0);
+    using C = compute_t<T>;
+    C sum_a = 0, dot = 0;
     for (index_t s = 0; s < k; ++s) {
       sum_a += p[se[s]];
       dot += dg[s] * sg[s];
     }
     T* dz = dlogits + t * experts;
-    T weighted = T(0);  // sum_e dscore_e * p_e (for softmax)
+    C weighted = 0;  // sum_e dscore_e * p_e (for softmax)
     for (index_t s = 0; s < k; ++s) {
-      const T da = renormalize ? (dg[s] - dot) / sum_a : dg[s];
+      const C da = renormalize ? (dg[s] - dot) / sum_a : C(dg[s]);
       weighted += da * p[se[s]];
     }
     for (index_t e = 0; e < experts; ++e) {
-      T da = T(0);
+      C da = 0;
       for (index_t s = 0; s < k; ++s)
-        if (se[s] == e) da = renormalize ? (dg[s] - dot) / sum_a : dg[s];
-      T g;
+        if (se[s] == e) da = renormalize ? (dg[s] - dot) / sum_a : C(dg[s]);
+      C g;
       if (fn == score_fn::softmax) g = p[e] * (da - weighted);
-      else if (fn == score_fn::sigmoid) g = da * p[e] * (T(1) - p[e]);
+      else if (fn == score_fn::sigmoid) g = da * p[e] * (C(1) - p[e]);
       else g = da;
-      dz[e] = (extra ? extra[t * experts + e] : T(0)) + g;
+      dz[e] = (extra ? C(extra[t * experts + e]) : C(0)) + g;
     }
   }
 };

@@ -15,6 +15,7 @@
 
 #include "../backend/backend.hpp"
 #include "../backend/tensor.hpp"
+#include "../core/bf16.hpp"
 #include "../core/error.hpp"
 #include "../core/lane_sum.hpp"
 #include "../core/view.hpp"
@@ -143,7 +144,7 @@ struct combine_backward_functor {
     const T gate = slot_gate[s];
     T* out = dyp + r * d;
     for (index_t j = 0; j < d; ++j) out[j] = gate * g[j];
-    dgate[s] = lane_sum<T>(d, [g, v](index_t j) { return g[j] * v[j]; });
+    dgate[s] = lane_sum<compute_t<T>>(d, [g, v](index_t j) { return g[j] * v[j]; });
   }
 };
 
