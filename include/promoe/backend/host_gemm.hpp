@@ -185,24 +185,28 @@ void host_gemm_block(index_t m, index_t n, index_t k, T alpha, const T* a, index
   product::run(m, n, k, a, lda, b, ldb, c, 1, ldc, alpha, blocking, nullptr);
 }
 
-/// dst[rows, cols] (dense float) = op(src) rounded to bf16, where op(src)[r, j] is
-/// src[r * ld + j] (or src[j * ld + r] when transposed); bf16 sources are widened exactly.
-template <transpose TS, class S>
+/// dst[rows, cols] (dense float) = the block src[rows, cols] (leading dimension ld) rounded
+/// to bf16; bf16 sources are widened exactly. Row by row, contiguous: vectorises.
+template <class S>
 void copy_rounded_to_bf16(const S* src, index_t ld, index_t rows, index_t cols, float* dst) {
-  for (index_t r = 0; r < rows; ++r)
-    for (index_t j = 0; j < cols; ++j) {
-      const S v = TS == transpose::no ? src[r * ld + j] : src[j * ld + r];
-      if constexpr (std::is_same_v<S, bf16>) dst[r * cols + j] = static_cast<float>(v);
-      else dst[r * cols + j] = round_to_bf16(v);
+  for (index_t r = 0; r < rows; ++r) {
+    const S* in = src + r * ld;
+    float* out = dst + r * cols;
+    if constexpr (std::is_same_v<S, bf16>) {
+      for (index_t j = 0; j < cols; ++j) out[j] = static_cast<float>(in[j]);
+    } else {
+      for (index_t j = 0; j < cols; ++j) out[j] = round_to_bf16(in[j]);
     }
+  }
 }
 
 /// A GEMM on bf16 operands with float32 products and accumulation, on one thread: float
 /// operands under matmul_precision::bf16 (S = float) or bf16 tensors (S = bf16, whose C is
 /// accumulated in a float panel and rounded once at the end). C is computed in panels of
-/// rows x columns x depth, each from float copies of op(A) and op(B) holding bf16 values. The
-/// panels have fixed sizes, so the thread's buffers are the same for every shape (no
-/// allocation when later steps bring other shapes).
+/// rows x columns x depth, each from float copies of the operands' blocks holding bf16 values
+/// (copied as stored; the float GEMM applies the transposes). The panels have fixed sizes, so
+/// the thread's buffers are the same for every shape (no allocation when later steps bring
+/// other shapes).
 template <class S, transpose TA, transpose TB>
 void host_gemm_bf16(index_t m, index_t n, index_t k, float alpha, const S* a, index_t lda, const S* b, index_t ldb,
                     float beta, S* c, index_t ldc) {
@@ -220,16 +224,20 @@ void host_gemm_bf16(index_t m, index_t n, index_t k, float alpha, const S* a, in
       index_t ldcp;
       if constexpr (widened_c) {
         cp = rc, ldcp = nj;
-        if (beta != 0.0f) copy_rounded_to_bf16<transpose::no>(c + i0 * ldc + j0, ldc, mi, nj, cp);
+        if (beta != 0.0f) copy_rounded_to_bf16(c + i0 * ldc + j0, ldc, mi, nj, cp);
       } else {
         cp = c + i0 * ldc + j0, ldcp = ldc;
       }
       for (index_t p0 = 0; p0 < k; p0 += depth) {
         const index_t kp = std::min(depth, k - p0);
-        copy_rounded_to_bf16<TA>(TA == transpose::no ? a + i0 * lda + p0 : a + p0 * lda + i0, lda, mi, kp, ra);
-        copy_rounded_to_bf16<TB>(TB == transpose::no ? b + p0 * ldb + j0 : b + j0 * ldb + p0, ldb, kp, nj, rb);
-        host_gemm_block<float, transpose::no, transpose::no>(mi, nj, kp, alpha, ra, kp, rb, nj, p0 == 0 ? beta : 1.0f,
-                                                             cp, ldcp);
+        // op(A)'s block [mi, kp] is stored as [mi, kp] (or [kp, mi] when transposed); op(B)'s
+        // [kp, nj] as [kp, nj] (or [nj, kp]).
+        if constexpr (TA == transpose::no) copy_rounded_to_bf16(a + i0 * lda + p0, lda, mi, kp, ra);
+        else copy_rounded_to_bf16(a + p0 * lda + i0, lda, kp, mi, ra);
+        if constexpr (TB == transpose::no) copy_rounded_to_bf16(b + p0 * ldb + j0, ldb, kp, nj, rb);
+        else copy_rounded_to_bf16(b + j0 * ldb + p0, ldb, nj, kp, rb);
+        host_gemm_block<float, TA, TB>(mi, nj, kp, alpha, ra, TA == transpose::no ? kp : mi, rb,
+                                       TB == transpose::no ? nj : kp, p0 == 0 ? beta : 1.0f, cp, ldcp);
       }
       if constexpr (widened_c)
         for (index_t i = 0; i < mi; ++i)

@@ -54,13 +54,14 @@ struct bf16 {
 
  private:
   /// Round to nearest, ties to even; NaN stays a (quiet) NaN, overflow goes to infinity.
+  /// Branch-free (a select), so loops that store bf16 vectorise.
   PROMOE_HOST_DEVICE static std::uint16_t round_(float f) {
     std::uint32_t u;
     std::memcpy(&u, &f, sizeof u);
-    if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu) != 0)
-      return static_cast<std::uint16_t>((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return static_cast<std::uint16_t>(u >> 16);
+    const std::uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const std::uint32_t quiet_nan = (u >> 16) | 0x40u;
+    const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+    return static_cast<std::uint16_t>(nan ? quiet_nan : rounded);
   }
 };
 

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <concepts>
 
+#include "../core/bf16.hpp"
 #include "../core/config.hpp"
 #include "../core/fast_math.hpp"
 
@@ -85,7 +86,7 @@ struct apply_rows_functor {
   T* out;  // [rows, cols], leading dimension ldo
   index_t ldo, cols;
   PROMOE_HOST_DEVICE void operator()(index_t r) const {
-    for (index_t j = 0; j < cols; ++j) out[r * ldo + j] = Act::value(in[r * ldi + j]);
+    for (index_t j = 0; j < cols; ++j) out[r * ldo + j] = Act::value(static_cast<compute_t<T>>(in[r * ldi + j]));
   }
 };
 
@@ -103,7 +104,7 @@ struct bias_apply_rows_functor {
     T* hr = h + r * ldh;
     T* o = out + r * ldo;
     for (index_t j = 0; j < cols; ++j) {
-      const T v = hr[j] + bias[j];
+      const compute_t<T> v = hr[j] + bias[j];  // bf16: the activation runs in float
       hr[j] = v;
       o[j] = Act::value(v);
     }
@@ -121,9 +122,17 @@ struct backward_rows_functor {
   index_t lddx, cols;
   bool accumulate;
   PROMOE_HOST_DEVICE void operator()(index_t r) const {
-    for (index_t j = 0; j < cols; ++j) {
-      const T g = dy[r * lddy + j] * Act::derivative(x[r * ldx + j]);
-      dx[r * lddx + j] = accumulate ? T(dx[r * lddx + j] + g) : g;
+    const T* xr = x + r * ldx;
+    const T* gr = dy + r * lddy;
+    T* o = dx + r * lddx;
+    const auto g = [xr, gr](index_t j) {
+      return static_cast<compute_t<T>>(gr[j]) * Act::derivative(static_cast<compute_t<T>>(xr[j]));
+    };
+    // Two loops, not a branch per element: each vectorises.
+    if (accumulate) {
+      for (index_t j = 0; j < cols; ++j) o[j] = o[j] + g(j);
+    } else {
+      for (index_t j = 0; j < cols; ++j) o[j] = g(j);
     }
   }
 };

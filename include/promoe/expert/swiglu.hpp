@@ -10,6 +10,7 @@
 #include "../backend/init.hpp"
 #include "../backend/ops.hpp"
 #include "../backend/tensor.hpp"
+#include "../core/bf16.hpp"
 #include "../core/rng.hpp"
 #include "activation.hpp"
 #include "bank_size.hpp"
@@ -25,7 +26,8 @@ struct swiglu_functor {
   index_t hidden;
   PROMOE_HOST_DEVICE void operator()(index_t r) const {
     T* g = act + r * 3 * hidden;
-    for (index_t j = 0; j < hidden; ++j) g[2 * hidden + j] = act::silu::value(g[j]) * g[hidden + j];
+    for (index_t j = 0; j < hidden; ++j)
+      g[2 * hidden + j] = act::silu::value(static_cast<compute_t<T>>(g[j])) * g[hidden + j];
   }
 };
 /// From dA (in d[:, 0:I]) to dG (d[:, 0:I]) and dU (d[:, I:2I]).
@@ -38,9 +40,9 @@ struct swiglu_backward_functor {
     const T* g = act + r * 3 * hidden;
     T* o = d + r * 2 * hidden;
     for (index_t j = 0; j < hidden; ++j) {
-      const T da = o[j];
-      o[hidden + j] = da * act::silu::value(g[j]);
-      o[j] = da * g[hidden + j] * act::silu::derivative(g[j]);
+      const compute_t<T> da = o[j], gj = g[j];  // bf16: the activation runs in float
+      o[hidden + j] = da * act::silu::value(gj);
+      o[j] = da * g[hidden + j] * act::silu::derivative(gj);
     }
   }
 };
