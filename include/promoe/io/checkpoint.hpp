@@ -663,26 +663,24 @@ void save_checkpoint(const std::string& path, const std::vector<checkpoint_group
   safetensors_writer w;
   std::string group_list;
   std::vector<T> host;
-  for (const auto& g : groups) {
-    group_list += (group_list.empty() ? "" : ",") + g.name;
-    for (const auto& p : g.tensors) {
-      const index_t n = p.size();
-      host.resize(static_cast<std::size_t>(n));
-      if (n > 0) backend_traits<B>::copy_to_host(p.value, n, host.data());
-      w.add(g.name + "/" + p.name, type, std::vector<std::int64_t>(p.shape.begin(), p.shape.end()), host.data());
-    }
-  }
   std::vector<bf16> half;
-  for (const auto& g : bf16_groups) {
+  const auto save_group = [&](const auto& g) {
     group_list += (group_list.empty() ? "" : ",") + g.name;
     for (const auto& p : g.tensors) {
       const index_t n = p.size();
-      half.resize(static_cast<std::size_t>(n));
-      if (n > 0) backend_traits<B>::copy_to_host(p.value, n, half.data());
-      host.assign(half.begin(), half.end());  // widened: exact
+      if constexpr (std::is_same_v<std::remove_pointer_t<decltype(p.value)>, bf16>) {
+        half.resize(static_cast<std::size_t>(n));
+        if (n > 0) backend_traits<B>::copy_to_host(p.value, n, half.data());
+        host.assign(half.begin(), half.end());  // widened: exact
+      } else {
+        host.resize(static_cast<std::size_t>(n));
+        if (n > 0) backend_traits<B>::copy_to_host(p.value, n, host.data());
+      }
       w.add(g.name + "/" + p.name, type, std::vector<std::int64_t>(p.shape.begin(), p.shape.end()), host.data());
     }
-  }
+  };
+  for (const auto& g : groups) save_group(g);
+  for (const auto& g : bf16_groups) save_group(g);
   host = {};
   half = {};
   w.set_metadata("format", std::string(checkpoint_format));
@@ -777,28 +775,27 @@ checkpoint_info load_checkpoint(const std::string& path, const std::vector<check
   for (const auto& g : groups) check_group(g);
   for (const auto& g : bf16_groups) check_group(g);
 
-  // Everything checked: copy into the destinations (through an aligned host buffer).
+  // Everything checked: copy into the destinations (through an aligned host buffer; bf16
+  // destinations get the values rounded, exact for values saved from bf16).
   std::vector<T> host;
-  for (const auto& g : groups)
-    for (const auto& p : g.tensors) {
-      const index_t n = p.size();
-      if (n == 0) continue;
-      const auto bytes = file.data(g.name + "/" + p.name);
-      host.resize(static_cast<std::size_t>(n));
-      std::memcpy(host.data(), bytes.data(), bytes.size());
-      backend_traits<B>::copy_from_host(host.data(), n, p.value);
-    }
   std::vector<bf16> half;
-  for (const auto& g : bf16_groups)
+  const auto load_group = [&](const auto& g) {
     for (const auto& p : g.tensors) {
       const index_t n = p.size();
       if (n == 0) continue;
       const auto bytes = file.data(g.name + "/" + p.name);
       host.resize(static_cast<std::size_t>(n));
       std::memcpy(host.data(), bytes.data(), bytes.size());
-      half.assign(host.begin(), host.end());  // rounded to bf16
-      backend_traits<B>::copy_from_host(half.data(), n, p.value);
+      if constexpr (std::is_same_v<std::remove_pointer_t<decltype(p.value)>, bf16>) {
+        half.assign(host.begin(), host.end());
+        backend_traits<B>::copy_from_host(half.data(), n, p.value);
+      } else {
+        backend_traits<B>::copy_from_host(host.data(), n, p.value);
+      }
     }
+  };
+  for (const auto& g : groups) load_group(g);
+  for (const auto& g : bf16_groups) load_group(g);
   return info;
 }
 
