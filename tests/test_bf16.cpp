@@ -156,6 +156,35 @@ TEMPLATE_LIST_TEST_CASE("bf16 DiT: forward and backward track the float32 model 
   CHECK(grad_error < 3e-2);
 }
 
+TEMPLATE_LIST_TEST_CASE("bf16 LayerNorm: one bf16 rounding from float64 on the same inputs, large row offsets",
+                        "[bf16][nn]", test_backends) {
+  using B = TestType;
+  // Rows of 50 + noise: their sums (about 19200) are far beyond bf16's 8 bits, so statistics
+  // accumulated in bf16 would be off by whole units; in float they are exact to 1e-6.
+  const index_t n = 8, d = 384;
+  auto xh = bf16_values<bf16>(static_cast<std::size_t>(n * d), 31);
+  for (auto& v : xh) v = bf16(50.0f + 2.0f * static_cast<float>(v));
+  const auto x = tensor<bf16, B>::from_host(xh, {n, d});
+  tensor<bf16, B> y({n, d});
+  nn::layer_norm<bf16, B> ln(d);
+  typename nn::layer_norm<bf16, B>::cache c;
+  ln.forward(x.cmatrix(), y.matrix(), c);
+  const auto got = host_values<bf16, B>(y.data(), n * d);
+  double worst = 0;
+  for (index_t r = 0; r < n; ++r) {
+    double mean = 0, var = 0;
+    for (index_t j = 0; j < d; ++j) mean += static_cast<double>(xh[r * d + j]);
+    mean /= static_cast<double>(d);
+    for (index_t j = 0; j < d; ++j) var += std::pow(static_cast<double>(xh[r * d + j]) - mean, 2);
+    const double rstd = 1.0 / std::sqrt(var / static_cast<double>(d) + 1e-6);
+    for (index_t j = 0; j < d; ++j) {
+      const double want = (static_cast<double>(xh[r * d + j]) - mean) * rstd;
+      worst = std::max(worst, std::abs(got[r * d + j] - want) / (std::ldexp(std::abs(want), -8) + 1e-5));
+    }
+  }
+  CHECK(worst <= 1.0);  // within half a bf16 step
+}
+
 TEMPLATE_LIST_TEST_CASE("bf16 ProMoE DiT trains as the float32 one does", "[bf16][dit][train]", test_backends) {
   using B = TestType;
   const auto d = small_dit();

@@ -32,10 +32,10 @@ struct layer_norm_forward_functor {
   T* y;  // [n, d], leading dimension ldy
   index_t ldy;
   T* xhat;  // [n, d] contiguous (cache)
-  T* mean;  // [n]
-  T* rstd;  // [n]
+  compute_t<T>* mean;  // [n]
+  compute_t<T>* rstd;  // [n]
   index_t d;
-  T eps;
+  compute_t<T> eps;
   const T* shift = nullptr;  // [S, d], leading dimension ldsh; null: no modulation
   index_t ldsh = 0;
   const T* scale = nullptr;  // [S, d], leading dimension ldsc
@@ -76,7 +76,7 @@ struct layer_norm_forward_functor {
 template <class T>
 struct layer_norm_backward_functor {
   const T* xhat;  // [n, d] contiguous
-  const T* rstd;  // [n]
+  const compute_t<T>* rstd;  // [n]
   const T* dy;    // [n, d], leading dimension lddy
   index_t lddy;
   T* dx;  // [n, d], leading dimension lddx
@@ -114,8 +114,8 @@ class layer_norm {
   /// What backward needs; the caller owns it and may reuse it across calls.
   struct cache {
     tensor<T, B> xhat;  ///< [n, D] normalised rows (equal to the forward's y)
-    tensor<T, B> mean;  ///< [n]
-    tensor<T, B> rstd;  ///< [n] 1 / sqrt(biased variance + eps)
+    tensor<compute_t<T>, B> mean;  ///< [n] (float for bf16)
+    tensor<compute_t<T>, B> rstd;  ///< [n] 1 / sqrt(biased variance + eps)
   };
 
   layer_norm() = default;
@@ -185,9 +185,10 @@ class layer_norm {
     c.rstd.resize({n});
     if (n == 0) return;
     backend_traits<B>::parallel_for(
-        n, detail::layer_norm_forward_functor<T>{x.data, x.ld, y.data, y.ld, c.xhat.data(), c.mean.data(),
-                                                 c.rstd.data(), dim_, static_cast<T>(eps_), shift.data, shift.ld,
-                                                 scale.data, scale.ld, tokens});
+        n, detail::layer_norm_forward_functor<T>{x.data,        x.ld,        y.data,       y.ld,
+                                                 c.xhat.data(), c.mean.data(), c.rstd.data(), dim_,
+                                                 static_cast<compute_t<T>>(eps_), shift.data, shift.ld, scale.data,
+                                                 scale.ld,      tokens});
   }
 
   /// backward / backward_modulated (scale.data null: no modulation).
