@@ -29,6 +29,8 @@ struct bf16 {
 
   bf16() = default;
   PROMOE_HOST_DEVICE bf16(float f) : bits(round_(f)) {}  // NOLINT: implicit, as float's narrowing
+  /// Other arithmetic types go through float: a double within 2^-24 of a tie between two bf16
+  /// values may round the other way (double rounding).
   template <class U>
     requires(std::is_arithmetic_v<U> && !std::is_same_v<U, float>)
   PROMOE_HOST_DEVICE bf16(U u) : bits(round_(static_cast<float>(u))) {}  // NOLINT

@@ -18,8 +18,8 @@ struct logsumexp_functor {
   const T* logits;  // [tokens, E]
   index_t experts;
   const T* mask;  // [tokens] or null
-  T* lse;     // [tokens]
-  T* square;  // [tokens] w_t lse^2, w_t the token's mask value
+  compute_t<T>* lse;     // [tokens] (float for bf16: exp(z - lse) in the backward needs its bits)
+  compute_t<T>* square;  // [tokens] w_t lse^2, w_t the token's mask value
   PROMOE_HOST_DEVICE void operator()(index_t t) const {
     using std::exp;
     using std::log;
@@ -36,15 +36,15 @@ struct logsumexp_functor {
 template <class T>
 struct z_loss_backward_functor {
   const T* logits;  // [tokens, E]
-  const T* lse;     // [tokens]
-  const T* mask;    // [tokens] or null
+  const compute_t<T>* lse;  // [tokens]
+  const T* mask;            // [tokens] or null
   index_t experts;
-  T scale;
+  compute_t<T> scale;
   T* dlogits;  // [tokens, E]
   PROMOE_HOST_DEVICE void operator()(index_t t) const {
     using std::exp;
-    const T w = token_weight(mask, t) * scale;
-    if (w == T(0)) return;
+    const compute_t<T> w = token_weight(mask, t) * scale;
+    if (w == 0) return;
     for (index_t e = 0; e < experts; ++e)
       dlogits[t * experts + e] += w * lse[t] * exp(logits[t * experts + e] - lse[t]);
   }
@@ -62,8 +62,8 @@ struct z_loss {
    public:
     using traits = backend_traits<B>;
     struct cache {
-      tensor<T, B> lse;     ///< [tokens]
-      tensor<T, B> square;  ///< [tokens]
+      tensor<compute_t<T>, B> lse;     ///< [tokens]
+      tensor<compute_t<T>, B> square;  ///< [tokens]
     };
 
     impl(const options& o, const router_layout&) : opt_(o) {}
@@ -82,7 +82,7 @@ struct z_loss {
     void backward(const loss_input<T, B>& in, cache& c) const {
       const index_t n = in.tokens;
       if (in.counted == 0) return;
-      const T scale = static_cast<T>(2.0 * opt_.weight / static_cast<double>(in.counted));
+      const auto scale = static_cast<compute_t<T>>(2.0 * opt_.weight / static_cast<double>(in.counted));
       traits::parallel_for(n, detail::z_loss_backward_functor<T>{in.logits, c.lse.data(), in.token_mask, in.experts,
                                                                  scale, in.dlogits});
     }

@@ -14,6 +14,7 @@
 #pragma once
 
 #include "../backend/backend.hpp"
+#include "../core/bf16.hpp"
 #include "../core/error.hpp"
 #include "../core/view.hpp"
 
@@ -66,10 +67,11 @@ struct modulate_backward_functor {
   PROMOE_HOST_DEVICE void operator()(index_t idx) const {
     const index_t blocks = (d + W - 1) / W, s = idx / blocks, j0 = idx % blocks * W;
     const index_t w = d - j0 < W ? d - j0 : W;
-    T a[W], gs[W], gc[W];
+    using C = compute_t<T>;  // sums over the sample's tokens: float for bf16
+    C a[W], gs[W], gc[W];
     for (index_t q = 0; q < w; ++q) {
-      a[q] = T(1) + scale[s * ldsc + j0 + q];
-      gs[q] = gc[q] = T(0);
+      a[q] = C(1) + scale[s * ldsc + j0 + q];
+      gs[q] = gc[q] = C(0);
     }
     for (index_t r = s * tokens; r < (s + 1) * tokens; ++r) {
       const T* g = dy + r * lddy + j0;
@@ -134,10 +136,11 @@ struct gated_residual_backward_functor {
   PROMOE_HOST_DEVICE void operator()(index_t idx) const {
     const index_t blocks = (d + W - 1) / W, s = idx / blocks, j0 = idx % blocks * W;
     const index_t w = d - j0 < W ? d - j0 : W;
-    T g[W], acc[W];
+    using C = compute_t<T>;  // sums over the sample's tokens: float for bf16
+    C g[W], acc[W];
     for (index_t q = 0; q < w; ++q) {
       g[q] = gate[s * ldg + j0 + q];
-      acc[q] = T(0);
+      acc[q] = C(0);
     }
     for (index_t r = s * tokens; r < (s + 1) * tokens; ++r) {
       const T* go = dout + r * lddo + j0;

@@ -143,15 +143,19 @@ class ema {
   /// Exchanges the averages with the values of the matching entries of `params` (same rules
   /// as copy_to). Calling it twice restores both: swap, sample with the EMA weights, swap back.
   /// bf16 values: the first call keeps the live values aside and writes the rounded averages,
-  /// the second puts the live values back (the float averages are never rounded).
+  /// the second puts the live values back (the float averages are never rounded); so between
+  /// the two calls shadow() still holds the averages, and update() must not run.
   void swap(const std::vector<named_parameter<T>>& params) {
     const auto by_name = index_of_(params);
+    // Every entry matched before any is written: a failed match leaves everything as it was.
+    std::vector<T*> lives(tracked_.size());
+    for (std::size_t k = 0; k < tracked_.size(); ++k) lives[k] = match_(params, by_name, k, "optim::ema::swap").value;
     if constexpr (!std::is_same_v<T, shadow_type>) {
       if (set_aside_.empty())
         for (const auto& t : tracked_) set_aside_.emplace_back(t.shape);
     }
     for (std::size_t k = 0; k < tracked_.size(); ++k) {
-      T* live = match_(params, by_name, k, "optim::ema::swap").value;
+      T* live = lives[k];
       const index_t n = tracked_[k].size();
       if (n == 0) continue;
       if constexpr (std::is_same_v<T, shadow_type>) {

@@ -65,15 +65,16 @@ PROMOE_HOST_DEVICE void apply(score_fn f, const T* z, T* p, index_t n) {
 /// dz[0..n) (+)= d(scores)/d(logits)^T ds for scores p = f(z): the backward of apply().
 template <class T>
 PROMOE_HOST_DEVICE void backward(score_fn f, const T* p, const T* ds, T* dz, index_t n, bool accumulate) {
-  T weighted = T(0);
+  using C = compute_t<T>;
+  C weighted = 0;
   if (f == score_fn::softmax)
     for (index_t e = 0; e < n; ++e) weighted += ds[e] * p[e];
   for (index_t e = 0; e < n; ++e) {
-    T g;
+    C g;
     if (f == score_fn::softmax) g = p[e] * (ds[e] - weighted);
-    else if (f == score_fn::sigmoid) g = ds[e] * p[e] * (T(1) - p[e]);
+    else if (f == score_fn::sigmoid) g = ds[e] * p[e] * (C(1) - p[e]);
     else g = ds[e];
-    dz[e] = accumulate ? T(dz[e] + g) : g;
+    dz[e] = accumulate ? T(dz[e] + g) : T(g);
   }
 }
 
