@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -117,41 +118,56 @@ typename promoe_layer<B, T>::config small_promoe(index_t dim) {
 
 }  // namespace
 
+/// A dense DiT in float32 and in bf16 with the same (bf16) weights, run forward on the same
+/// inputs (seed x_seed) and backward from the same output gradient (seed dy_seed).
+template <class B>
+struct dit_pair {
+  using float_model = dit::dit_model<B, float, void>;
+  using bf16_model = dit::dit_model<B, bf16, void>;
+  float_model mf;
+  bf16_model mb;
+  std::vector<named_parameter<float>> pf;
+  std::vector<named_parameter<bf16>> pb;
+  tensor<float, B> of;
+  tensor<bf16, B> ob;
+
+  dit_pair(const dit::dit_config& d, std::span<const float> t, std::span<const std::int64_t> labels,
+           std::uint64_t x_seed, std::uint64_t dy_seed)
+      : mf(d, {}, rng{7}), mb(d, {}, rng{7}), pf(mf.parameters()), pb(mb.parameters()) {
+    share_weights<B>(pf, pb);
+    const auto n = static_cast<index_t>(t.size()), size = d.image_size();
+    const auto xf = tensor<float, B>::from_host(bf16_values<float>(n * size, x_seed), {n, size});
+    const auto xb = tensor<bf16, B>::from_host(bf16_values<bf16>(n * size, x_seed), {n, size});
+    of.resize({n, size});
+    ob.resize({n, size});
+    typename float_model::cache cf;
+    typename bf16_model::cache cb;
+    mf.forward(xf.cmatrix(), t, labels, of.matrix(), cf);
+    mb.forward(xb.cmatrix(), t, labels, ob.matrix(), cb);
+    const auto dyf = tensor<float, B>::from_host(bf16_values<float>(n * size, dy_seed), {n, size});
+    const auto dyb = tensor<bf16, B>::from_host(bf16_values<bf16>(n * size, dy_seed), {n, size});
+    mf.zero_grad();
+    mb.zero_grad();
+    mf.backward(dyf.cmatrix(), cf);
+    mb.backward(dyb.cmatrix(), cb);
+  }
+};
+
 TEMPLATE_LIST_TEST_CASE("bf16 DiT: forward and backward track the float32 model on the same weights", "[bf16][dit]",
                         test_backends) {
   using B = TestType;
-  const auto d = small_dit();
-  dit::dit_model<B, float, void> mf(d, {}, rng{7});
-  dit::dit_model<B, bf16, void> mb(d, {}, rng{7});
-  const auto pf = mf.parameters();
-  const auto pb = mb.parameters();
-  share_weights<B>(pf, pb);
-
-  const index_t n = 16, size = d.image_size();
-  const auto xf = tensor<float, B>::from_host(bf16_values<float>(n * size, 1), {n, size});
-  const auto xb = tensor<bf16, B>::from_host(bf16_values<bf16>(n * size, 1), {n, size});
+  const index_t n = 16;
   std::vector<float> t(static_cast<std::size_t>(n));
   for (index_t i = 0; i < n; ++i) t[i] = 61.7f * static_cast<float>(i);  // not bf16 values: the time stays float
-  std::vector<std::int64_t> labels{0, 1, 2, 10, 4, 5, 6, 7, 8, 9, 0, 1, 2, 3, 4, 10};
-  tensor<float, B> of({n, size});
-  tensor<bf16, B> ob({n, size});
-  typename dit::dit_model<B, float, void>::cache cf;
-  typename dit::dit_model<B, bf16, void>::cache cb;
-  mf.forward(xf.cmatrix(), t, labels, of.matrix(), cf);
-  mb.forward(xb.cmatrix(), t, labels, ob.matrix(), cb);
+  const std::vector<std::int64_t> labels{0, 1, 2, 10, 4, 5, 6, 7, 8, 9, 0, 1, 2, 3, 4, 10};
+  const dit_pair<B> p(small_dit(), t, labels, 1, 2);
   // One bf16 rounding is 2^-9 relative; two blocks of them come to about 1 %.
-  const double out_error = relative_l2(host_values<bf16, B>(ob.data(), ob.size()), host_values<float, B>(of.data(), of.size()));
+  const double out_error =
+      relative_l2(host_values<bf16, B>(p.ob.data(), p.ob.size()), host_values<float, B>(p.of.data(), p.of.size()));
   INFO("output relative error " << out_error);
   CHECK(out_error < 2e-2);
   CHECK(out_error > 1e-4);  // the bf16 model really did round
-
-  const auto dyf = tensor<float, B>::from_host(bf16_values<float>(n * size, 2), {n, size});
-  const auto dyb = tensor<bf16, B>::from_host(bf16_values<bf16>(n * size, 2), {n, size});
-  mf.zero_grad();
-  mb.zero_grad();
-  mf.backward(dyf.cmatrix(), cf);
-  mb.backward(dyb.cmatrix(), cb);
-  const double grad_error = relative_l2(all_grads<B>(pb), all_grads<B>(pf));
+  const double grad_error = relative_l2(all_grads<B>(p.pb), all_grads<B>(p.pf));
   INFO("gradient relative error " << grad_error);
   CHECK(grad_error < 3e-2);
 }
@@ -163,34 +179,15 @@ TEMPLATE_LIST_TEST_CASE("bf16 DiT at 1024 tokens per image: every adaLN gradient
   // bf16 they drift with the token count (about 2 % off at 256 tokens, far more at 1024).
   auto d = small_dit();
   d.input_size = 64;
-  dit::dit_model<B, float, void> mf(d, {}, rng{7});
-  dit::dit_model<B, bf16, void> mb(d, {}, rng{7});
-  const auto pf = mf.parameters();
-  const auto pb = mb.parameters();
-  share_weights<B>(pf, pb);
-  const index_t n = 4, size = d.image_size();
-  const auto xf = tensor<float, B>::from_host(bf16_values<float>(n * size, 5), {n, size});
-  const auto xb = tensor<bf16, B>::from_host(bf16_values<bf16>(n * size, 5), {n, size});
   const std::vector<float> t{10.5f, 250.25f, 500.0f, 990.75f};
   const std::vector<std::int64_t> labels{3, 10, 7, 1};
-  tensor<float, B> of({n, size});
-  tensor<bf16, B> ob({n, size});
-  typename dit::dit_model<B, float, void>::cache cf;
-  typename dit::dit_model<B, bf16, void>::cache cb;
-  mf.forward(xf.cmatrix(), t, labels, of.matrix(), cf);
-  mb.forward(xb.cmatrix(), t, labels, ob.matrix(), cb);
-  const auto dyf = tensor<float, B>::from_host(bf16_values<float>(n * size, 6), {n, size});
-  const auto dyb = tensor<bf16, B>::from_host(bf16_values<bf16>(n * size, 6), {n, size});
-  mf.zero_grad();
-  mb.zero_grad();
-  mf.backward(dyf.cmatrix(), cf);
-  mb.backward(dyb.cmatrix(), cb);
+  const dit_pair<B> p(d, t, labels, 5, 6);
   std::size_t checked = 0;
-  for (std::size_t k = 0; k < pf.size(); ++k) {
-    if (pf[k].name.find("adaLN") == std::string::npos || !pf[k].grad) continue;
-    const double error = relative_l2(host_values<bf16, B>(pb[k].grad, pb[k].size()),
-                                     host_values<float, B>(pf[k].grad, pf[k].size()));
-    INFO(pf[k].name << ": relative error " << error);
+  for (std::size_t k = 0; k < p.pf.size(); ++k) {
+    if (p.pf[k].name.find("adaLN") == std::string::npos || !p.pf[k].grad) continue;
+    const double error = relative_l2(host_values<bf16, B>(p.pb[k].grad, p.pb[k].size()),
+                                     host_values<float, B>(p.pf[k].grad, p.pf[k].size()));
+    INFO(p.pf[k].name << ": relative error " << error);
     CHECK(error < 2e-2);  // measured 0.5-1 %; 4 % with the sums in bf16
     ++checked;
   }
