@@ -44,6 +44,7 @@
 #include <unistd.h>
 #endif
 
+#include "../core/bf16.hpp"
 #include "../core/error.hpp"
 #include "atomic_file.hpp"
 
@@ -117,7 +118,7 @@ inline float f16_to_float(std::uint16_t h) {
 }
 
 /// bfloat16 bits to float: the upper half of a float.
-inline float bf16_to_float(std::uint16_t h) { return std::bit_cast<float>(std::uint32_t{h} << 16); }
+inline float bf16_to_float(std::uint16_t h) { return static_cast<float>(bf16::from_bits(h)); }
 
 /// One tensor of a file: its byte range [begin, end) in the file's buffer (data_offsets).
 struct tensor_entry {
