@@ -5,7 +5,7 @@
 // the two result files join by name (scripts/bench.sh does).
 //
 //   promoe_bench [--device cpu|thrust|cuda] [--tokens 1024,4096,16384] [--reps 5]
-//                [--cases moe,dit,dit-bf16,sample] [--dit-presets mini-28,mini-32] [--json FILE]
+//                [--cases moe,experts,dit,dit-bf16,sample] [--dit-presets mini-28,mini-32] [--json FILE]
 //
 // Every timing is one untimed warm-up call, then --reps timed calls; the median in ms (on a
 // GPU each call ends with a device synchronisation, so its time is the device's).
@@ -14,6 +14,11 @@
 //    the layer's dispatch plan routed; right after each case a dense GEMM problem of equal
 //    FLOPs ([R, D] x [D, H] and back, through the same ops::gemm path) is timed: the ratio of
 //    the two rates says how close the layer gets to the machine's GEMM rate.
+//  - experts.e{E}.t{N}.{grouped,one_by_one} (--cases experts): one bank of E GELU experts
+//    (D 384, width 1536) forward + backward on N rows split unevenly over the experts: all
+//    experts at once (forward_grouped / backward_grouped: one grouped GEMM per stage, the
+//    path of backends whose tasks run one after another) and expert by expert (one task per
+//    expert: side by side on the CPU, one after another on a GPU). One row per path.
 //  - dit.<preset>.{dense,promoe}.train_step (--dit-presets): batch 64, rectified flow, forward, loss,
 //    backward, gradient clipping 0.5, AdamW (lr 1e-3). With the heap counters
 //    (heap_counter.hpp): the peak heap during a step, against parameters + gradients + AdamW
@@ -359,6 +364,54 @@ void moe_cases(const std::string& layer_name, const typename Layer::config& cfg,
   }
 }
 
+// ------------------------------------------------------------------------------- expert banks
+/// experts.e<E>.t<n>.{grouped,one_by_one}: the bank's forward + backward both ways on the same
+/// rows; expert e gets a share of the rows proportional to e + 1 (uneven, as routing makes them).
+template <class B>
+void expert_bank_cases(index_t experts, index_t n, report& out) {
+  using bank_t = typename expert::mlp<act::gelu_tanh>::template bank<T, B>;
+  constexpr index_t d = 384, h = 1536;
+  const index_t cw = expert::mlp<act::gelu_tanh>::cache_width(h), sw = expert::mlp<act::gelu_tanh>::scratch_width(h);
+  rng gen{seed};
+  bank_t bank(experts, d, h);
+  bank.init(gen);
+  std::vector<index_t> offsets(static_cast<std::size_t>(experts + 1), 0);
+  const double weight_sum = static_cast<double>(experts * (experts + 1)) / 2.0;
+  for (index_t e = 0; e < experts; ++e)
+    offsets[e + 1] = e + 1 == experts ? n : static_cast<index_t>(std::llround(static_cast<double>(n) *
+                                                                               (static_cast<double>((e + 1) * (e + 2)) / 2.0) / weight_sum));
+  const auto device_offsets = tensor<index_t, B>::from_host(offsets, {experts + 1});
+  const expert::expert_rows groups{offsets, device_offsets.data()};
+  const mat<B> x = random_matrix<B>(n, d, 20), dy = random_matrix<B>(n, d, 21);
+  mat<B> act({n, cw}), y({n, d}), dx({n, d}), scratch({n, sw}), ones({n});
+  ones.fill(T(1));
+  const auto grouped = [&] {
+    bank.forward_grouped(groups, x.cmatrix(), act.matrix(), y.matrix());
+    bank.backward_grouped(groups, x.cmatrix(), act.cmatrix(), dy.cmatrix(), dx.matrix(), scratch.matrix(), ones.data());
+  };
+  const auto one_by_one = [&] {
+    const auto rows_of = [&](auto m, index_t e) { return m.row_block(offsets[e], offsets[e + 1] - offsets[e]); };
+    backend_traits<B>::parallel_tasks(experts, [&](index_t e) {
+      bank.forward(e, rows_of(x.cmatrix(), e), rows_of(act.matrix(), e), rows_of(y.matrix(), e), false);
+    });
+    backend_traits<B>::parallel_tasks(experts, [&](index_t e) {
+      bank.backward(e, rows_of(x.cmatrix(), e), rows_of(act.cmatrix(), e), rows_of(dy.cmatrix(), e),
+                    rows_of(dx.matrix(), e), false, matrix_view<T>{scratch.data() + offsets[e] * sw, offsets[e + 1] - offsets[e], sw},
+                    ones.data());
+    });
+  };
+  const double flops = 12.0 * static_cast<double>(n * d * h);  // 2 GEMMs forward, 4 backward
+  for (const bool all_at_once : {true, false}) {
+    const measurement m = all_at_once ? measure(out.reps(), grouped) : measure(out.reps(), one_by_one);
+    case_result r;
+    r.name = "experts.e" + std::to_string(experts) + ".t" + std::to_string(n) + (all_at_once ? ".grouped" : ".one_by_one");
+    r.median_ms = m.median_ms;
+    r.flops = flops;
+    r.extra = {{"experts", experts}, {"rows", n}, {"allocs_per_call", m.allocations}};
+    out.add(std::move(r));
+  }
+}
+
 // ------------------------------------------------------------------------------- DiT
 app::run_config dit_run(const std::string& preset, const std::string& mlp) {
   app::run_config r;
@@ -493,6 +546,11 @@ void run_family(const std::string& family, const std::vector<index_t>& token_cou
     }
     return;
   }
+  if (family == "experts") {
+    for (const index_t n : token_counts)
+      for (const index_t e : {8, 32}) expert_bank_cases<B>(e, n, out);
+    return;
+  }
   if (family == "dit-bf16") {
     for (const auto& preset : dit_presets) {
       dit_train_case_of<dit::dit_model<B, bf16>>(dit_run(preset, "dense"), out);
@@ -519,7 +577,7 @@ constexpr const char* usage_text =
     "  --tokens       MoE layer token counts, multiples of 256 (default 1024,4096,16384)\n"
     "  --reps         timed calls per case after 1 warm-up (default 5)\n"
     "  --cases        case families to run (default moe,dit,sample; also dit-bf16: the training\n"
-    "                 steps of bf16 models)\n"
+    "                 steps of bf16 models; experts: an expert bank grouped against one by one)\n"
     "  --dit-presets  DiT presets of the training-step cases (default mini-28,mini-32; also S, B, ...)\n"
     "  --json         also write the results to FILE (atomically: a temporary file, then renamed)\n";
 
@@ -606,8 +664,8 @@ options parse_options(int argc, char** argv) {
     } else {
       o.cases.clear();
       for (const auto item : split(val, "--cases")) {
-        if (item != "moe" && item != "dit" && item != "dit-bf16" && item != "sample")
-          usage_error("unknown case family '" + std::string(item) + "' (choose from moe,dit,dit-bf16,sample)");
+        if (item != "moe" && item != "experts" && item != "dit" && item != "dit-bf16" && item != "sample")
+          usage_error("unknown case family '" + std::string(item) + "' (choose from moe,experts,dit,dit-bf16,sample)");
         o.cases.emplace_back(item);
       }
     }

@@ -90,7 +90,7 @@ PY
 stage_bench() {
   local tokens=4096,16384 presets=mini-28,S reps=5
   if ((quick)); then tokens=4096 presets=mini-28 reps=3; fi
-  "$build/bench/promoe_bench" --device cuda --tokens "$tokens" --reps "$reps" --cases moe,dit,dit-bf16,sample \
+  "$build/bench/promoe_bench" --device cuda --tokens "$tokens" --reps "$reps" --cases moe,experts,dit,dit-bf16,sample \
     --dit-presets "$presets" --json "$out/promoe-gpu.json" 2>&1 | tee "$out/promoe-gpu.log" || { status=1; return; }
   local python=/usr/bin/python3 merge=(--promoe "$out/promoe-gpu.json")
   [[ -x "$python" ]] || python=python3

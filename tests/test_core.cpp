@@ -538,6 +538,76 @@ TEMPLATE_LIST_TEST_CASE("gemm_strided_batched: every product of the batch, strid
     }
 }
 
+TEMPLATE_LIST_TEST_CASE("gemm_grouped: every problem with its own sizes, transposes and scales; empty ones skipped",
+                        "[core][backend][gemm]", test_configs) {
+  using B = typename TestType::backend;
+  using T = typename TestType::scalar;
+  struct shape {
+    index_t m, n, k;
+    transpose ta, tb;
+    double alpha, beta;
+  };
+  // experts' shapes: rows differ per problem, one has no rows, one has no inner size (C *= beta)
+  const std::vector<shape> shapes = {{5, 7, 6, transpose::no, transpose::yes, 1.0, 0.0},
+                                     {0, 7, 6, transpose::no, transpose::yes, 1.0, 0.0},
+                                     {9, 3, 4, transpose::yes, transpose::no, 0.5, 1.0},
+                                     {1, 6, 11, transpose::no, transpose::no, 1.0, 1.0},
+                                     {4, 5, 0, transpose::yes, transpose::yes, 1.0, -0.5},
+                                     {3, 0, 2, transpose::no, transpose::no, 1.0, 1.0},
+                                     {13, 8, 3, transpose::yes, transpose::yes, -1.25, 0.25}};
+  // each operand in its own padded region of one buffer per operand
+  index_t size_a = 0, size_b = 0, size_c = 0;
+  struct layout {
+    index_t lda, ldb, ldc, oa, ob, oc;
+  };
+  std::vector<layout> at;
+  for (const shape& s : shapes) {
+    const bool ta = s.ta == transpose::yes, tb = s.tb == transpose::yes;
+    layout l{(ta ? s.m : s.k) + 1, (tb ? s.k : s.n) + 2, s.n + 3, size_a, size_b, size_c};
+    size_a += (ta ? s.k : s.m) * l.lda + 2;
+    size_b += (tb ? s.n : s.k) * l.ldb + 2;
+    size_c += s.m * l.ldc + 2;
+    at.push_back(l);
+  }
+  const auto ha = random_vector<T>(static_cast<std::size_t>(size_a), 7100);
+  const auto hb = random_vector<T>(static_cast<std::size_t>(size_b), 7101);
+  const auto hc = random_vector<T>(static_cast<std::size_t>(size_c), 7102);
+  auto da = to_device<B>(ha, {size_a});
+  auto db = to_device<B>(hb, {size_b});
+  auto dc = to_device<B>(hc, {size_c});
+  std::vector<promoe::gemm_problem<T>> problems;
+  for (std::size_t i = 0; i < shapes.size(); ++i) {
+    const shape& s = shapes[i];
+    const layout& l = at[i];
+    problems.push_back({s.ta, s.tb, s.m, s.n, s.k, T(s.alpha), da.data() + l.oa, l.lda, db.data() + l.ob, l.ldb,
+                        T(s.beta), dc.data() + l.oc, l.ldc});
+  }
+  promoe::ops::gemm_grouped<B, T>(problems);
+  const auto got = dc.to_host();
+  auto want = std::vector<double>(hc.begin(), hc.end());  // the padding must survive
+  for (std::size_t i = 0; i < shapes.size(); ++i) {
+    const shape& s = shapes[i];
+    const layout& l = at[i];
+    const bool ta = s.ta == transpose::yes, tb = s.tb == transpose::yes;
+    for (index_t r = 0; r < s.m; ++r)
+      for (index_t j = 0; j < s.n; ++j) {
+        double acc = 0;
+        for (index_t p = 0; p < s.k; ++p)
+          acc += static_cast<double>(ha[l.oa + (ta ? p * l.lda + r : r * l.lda + p)]) *
+                 static_cast<double>(hb[l.ob + (tb ? j * l.ldb + p : p * l.ldb + j)]);
+        double& w = want[l.oc + r * l.ldc + j];
+        w = s.alpha * acc + s.beta * w;
+      }
+  }
+  double diff = 0, scale = 0;
+  for (std::size_t i = 0; i < want.size(); ++i) {
+    diff = std::max(diff, std::abs(static_cast<double>(got[i]) - want[i]));
+    scale = std::max(scale, std::abs(want[i]));
+  }
+  INFO(promoe::backend_traits<B>::name);
+  CHECK(diff / scale < promoe_test::tolerance<T>());
+}
+
 TEMPLATE_TEST_CASE("small_gemm: op(A) B overwrites C, every tile and tail width, padded leading dimensions",
                    "[core][gemm]", float, double) {
   using T = TestType;

@@ -31,6 +31,7 @@
 #include "core/rng.hpp"
 #include "core/view.hpp"
 #include "expert/concept.hpp"
+#include "expert/expert_rows.hpp"
 #include "expert/naming.hpp"
 #include "loss/concept.hpp"
 #include "router/concept.hpp"
@@ -123,6 +124,17 @@ class moe_layer<Router, Expert, losses<L...>, B, T, SharedExpert> {
     std::vector<index_t> expert_order;
   };
 
+  /// Where tasks run one after another (a GPU) and the expert policy offers it, the experts
+  /// run together: one grouped GEMM per stage for the whole bank. Elsewhere they run as tasks
+  /// side by side (forward row tiles, backward one task per expert), which keeps each expert's
+  /// operands in cache on the host.
+  static constexpr bool grouped_experts =
+      !traits::concurrent_tasks && requires(expert_bank& b, const expert::expert_rows& g, const_matrix_view<T> cv,
+                                            matrix_view<T> v, const T* ones) {
+        std::as_const(b).forward_grouped(g, cv, v, v);
+        b.backward_grouped(g, cv, cv, cv, v, v, ones);
+      };
+
   /// Rows per forward task where tasks run side by side: small enough to spread the experts
   /// over the threads, large enough for efficient GEMMs. Elsewhere one task per expert.
   static constexpr index_t tile_rows = traits::concurrent_tasks ? 256 : std::numeric_limits<index_t>::max();
@@ -201,22 +213,14 @@ class moe_layer<Router, Expert, losses<L...>, B, T, SharedExpert> {
       c.ones.fill(T(1));
     }
     routing::combine_backward<B>(c.plan, dy, c.yp.cmatrix(), c.dyp.matrix(), c.dgate.data());
-    // One task per expert (each writes only its own gradients and rows), largest first.
     const index_t cw = Expert::cache_width(h), sw = Expert::scratch_width(h);
-    c.expert_order.clear();
-    for (index_t e = 0; e < experts_.count(); ++e)
-      if (c.plan.expert_rows(e) > 0) c.expert_order.push_back(e);
-    std::sort(c.expert_order.begin(), c.expert_order.end(), [&](index_t a, index_t b) {
-      const index_t ra = c.plan.expert_rows(a), rb = c.plan.expert_rows(b);
-      return ra != rb ? ra > rb : a < b;
-    });
-    traits::parallel_tasks(static_cast<index_t>(c.expert_order.size()), [&](index_t i) {
-      const index_t e = c.expert_order[static_cast<std::size_t>(i)];
-      const index_t first = c.plan.host_offsets[e], m = c.plan.expert_rows(e);
-      experts_.backward(e, c.xp.cmatrix().row_block(first, m), const_matrix_view<T>{c.act.data(), rows, cw}.row_block(first, m),
-                        c.dyp.cmatrix().row_block(first, m), c.dxp.matrix().row_block(first, m), false,
-                        matrix_view<T>{c.scratch.data() + first * sw, m, sw}, c.ones.data());
-    });
+    if constexpr (grouped_experts) {
+      experts_.backward_grouped(expert_rows_of(c.plan), c.xp.cmatrix(), const_matrix_view<T>{c.act.data(), rows, cw},
+                                c.dyp.cmatrix(), c.dxp.matrix(), matrix_view<T>{c.scratch.data(), rows, sw},
+                                c.ones.data());
+    } else {
+      backward_expert_tasks(c, rows, cw, sw);
+    }
     routing::scatter_rows<B>(c.plan, c.dxp.cmatrix(), dx, false);
     const index_t scw = SharedExpert::cache_width(hs), ssw = SharedExpert::scratch_width(hs);
     for (index_t s = 0; s < shared_.count(); ++s)
@@ -369,7 +373,23 @@ class moe_layer<Router, Expert, losses<L...>, B, T, SharedExpert> {
     c.act.resize({rows, cw});
     c.yp.resize({rows, d});
     routing::gather<B>(c.plan, in.x, c.xp.matrix());
-    // Row tiles of the experts as independent tasks (rows are independent in the forward).
+    if constexpr (grouped_experts)
+      experts_.forward_grouped(expert_rows_of(c.plan), c.xp.cmatrix(), c.act.matrix(), c.yp.matrix());
+    else
+      forward_expert_tasks(c);
+    routing::combine<B>(c.plan, c.yp.cmatrix(), y, false);
+    run_shared(in.x, c, y);
+    if constexpr (num_losses > 0) {
+      if (training) forward_losses(router_.loss_view(in, c.router, c.plan, false), c, std::index_sequence_for<L...>{});
+    }
+  }
+
+  static expert::expert_rows expert_rows_of(const dispatch_plan<T, B>& plan) {
+    return {plan.host_offsets, plan.offsets.data()};
+  }
+
+  /// The forward's experts as tasks: row tiles (rows are independent in the forward).
+  void forward_expert_tasks(cache& c) {
     // Reserved for the most tiles any routing of this many slots can make, so that a batch
     // whose rows split differently over the experts does not allocate.
     c.tiles.clear();
@@ -387,11 +407,26 @@ class moe_layer<Router, Expert, losses<L...>, B, T, SharedExpert> {
       experts_.forward(e, c.xp.cmatrix().row_block(first, m), c.act.matrix().row_block(first, m),
                        c.yp.matrix().row_block(first, m), false);
     });
-    routing::combine<B>(c.plan, c.yp.cmatrix(), y, false);
-    run_shared(in.x, c, y);
-    if constexpr (num_losses > 0) {
-      if (training) forward_losses(router_.loss_view(in, c.router, c.plan, false), c, std::index_sequence_for<L...>{});
-    }
+  }
+
+  /// The backward's experts as tasks: one per expert (each writes only its own gradients and
+  /// rows), largest first.
+  void backward_expert_tasks(cache& c, index_t rows, index_t cw, index_t sw) {
+    c.expert_order.clear();
+    for (index_t e = 0; e < experts_.count(); ++e)
+      if (c.plan.expert_rows(e) > 0) c.expert_order.push_back(e);
+    std::sort(c.expert_order.begin(), c.expert_order.end(), [&](index_t a, index_t b) {
+      const index_t ra = c.plan.expert_rows(a), rb = c.plan.expert_rows(b);
+      return ra != rb ? ra > rb : a < b;
+    });
+    traits::parallel_tasks(static_cast<index_t>(c.expert_order.size()), [&](index_t i) {
+      const index_t e = c.expert_order[static_cast<std::size_t>(i)];
+      const index_t first = c.plan.host_offsets[e], m = c.plan.expert_rows(e);
+      experts_.backward(e, c.xp.cmatrix().row_block(first, m),
+                        const_matrix_view<T>{c.act.data(), rows, cw}.row_block(first, m),
+                        c.dyp.cmatrix().row_block(first, m), c.dxp.matrix().row_block(first, m), false,
+                        matrix_view<T>{c.scratch.data() + first * sw, m, sw}, c.ones.data());
+    });
   }
 
   config cfg_;

@@ -9,6 +9,8 @@ using namespace promoe;
 template class promoe::moe_layer<router::top_k, expert::mlp<act::gelu_tanh>, losses<loss::load_balance, loss::z_loss>,
                                  backend::thrust, float, expert::swiglu>;
 template class promoe::moe_layer<router::top_k, expert::mlp<act::gelu_tanh>, losses<>, backend::thrust, double>;
+// SwiGLU routed experts on bf16: the other bank's grouped path and cuBLAS's bf16 grouped GEMM
+template class promoe::moe_layer<router::top_k, expert::swiglu, losses<loss::z_loss>, backend::thrust, bf16>;
 
 int main() {
   using layer_t = moe_layer<router::top_k, expert::mlp<act::gelu_tanh>, losses<loss::load_balance>, backend::thrust, float>;

@@ -42,6 +42,22 @@ struct backend_traits {
 
 enum class transpose : bool { no = false, yes = true };
 
+/// One GEMM of a grouped GEMM (ops::gemm_grouped): C[m, n] = alpha * op(A) * op(B) + beta * C,
+/// row-major with leading dimensions, pointers in the backend's memory space.
+template <class T>
+struct gemm_problem {
+  transpose ta, tb;
+  index_t m, n, k;
+  T alpha;
+  const T* a;
+  index_t lda;
+  const T* b;
+  index_t ldb;
+  T beta;
+  T* c;
+  index_t ldc;
+};
+
 namespace detail {
 /// A functor type used only to check the Backend concept.
 struct probe_functor {

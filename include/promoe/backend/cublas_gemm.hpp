@@ -8,7 +8,10 @@
 
 #include <cublas_v2.h>
 
+#include <cstddef>
+#include <span>
 #include <type_traits>
+#include <vector>
 
 #include "../core/bf16.hpp"
 #include "../core/error.hpp"
@@ -48,6 +51,7 @@ inline void cublas_check(cublasStatus_t st, const char* what, index_t m, index_t
 /// leading dimensions, X_i = x + i * stride_x (one strided-batched call; batch 1 is a plain
 /// GEMM). cuBLAS is column-major: a row-major C is a column-major C^T = op(B)^T op(A)^T, so
 /// the operands swap places and keep their transpose flags.
+/// (A grouped GEMM's problems swap the same way: cublas_gemm_grouped.)
 template <class T>
 void cublas_gemm_strided_batched(transpose ta, transpose tb, index_t m, index_t n, index_t k, T alpha, const T* a,
                                  index_t lda, index_t stride_a, const T* b, index_t ldb, index_t stride_b, T beta, T* c,
@@ -104,6 +108,139 @@ void cublas_gemm_strided_batched(transpose ta, transpose tb, index_t m, index_t 
   } else {
     run_gemm(cublasDgemm, cublasDgemmStridedBatched, "cublasDgemm", "cublasDgemmStridedBatched");
   }
+}
+
+/// Pointers for cuBLAS's grouped GEMM, written into device memory by a kernel whose argument
+/// carries them: ordered on the stream with the GEMMs before and after it, with no host
+/// synchronisation and no staging buffer the host could overwrite too early.
+struct device_pointer_batch {
+  static constexpr int capacity = 96;  // 768 bytes of kernel argument
+  void* pointers[capacity];
+  int count;
+};
+
+template <class Batch>  // a template: defined in every translation unit without an ODR clash
+__global__ void write_device_pointers(Batch batch, void** out) {
+  const int i = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  if (i < batch.count) out[i] = batch.pointers[i];
+}
+
+/// The calling thread's device array of pointers for grouped GEMMs; grows (cudaFree waits for
+/// the device, so a grouped GEMM still queued keeps its array) and is kept for the next call.
+inline void** grouped_gemm_pointer_array(std::size_t count) {
+  struct holder {
+    void** data = nullptr;
+    std::size_t capacity = 0;
+    ~holder() {
+      if (data) cudaFree(data);
+    }
+  };
+  thread_local holder h;
+  if (count > h.capacity) {
+    if (h.data) cudaFree(h.data);
+    h.data = nullptr;
+    const cudaError_t e = cudaMalloc(reinterpret_cast<void**>(&h.data), count * sizeof(void*));
+    PROMOE_CHECK(e == cudaSuccess, "cuBLAS grouped GEMM: cudaMalloc of ", count, " pointers failed: ",
+                 cudaGetErrorName(e));
+    h.capacity = count;
+  }
+  return h.data;
+}
+
+/// Every problem of a grouped GEMM (row-major, as ops::gemm_grouped): one
+/// cublasGemmGroupedBatchedEx call with one group per problem (the experts' row counts
+/// differ). Sizes, transposes and scales are host arrays; the A, B and C pointer arrays go to
+/// the device by write_device_pointers. float64 GEMMs, float GEMMs under matmul_precision::bf16,
+/// problems with k = 0, and anything this cuBLAS does not group run as plain GEMMs instead.
+template <class T>
+void cublas_gemm_grouped(std::span<const gemm_problem<T>> problems) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double> || std::is_same_v<T, bf16>,
+                "cublas_gemm_grouped: float, double or bf16");
+  // plain GEMMs for the problems with k > 0 (or all of them when `all`)
+  const auto one_by_one = [&](bool all = true) {
+    for (const gemm_problem<T>& p : problems)
+      if (all || p.k > 0)
+        cublas_gemm_strided_batched(p.ta, p.tb, p.m, p.n, p.k, p.alpha, p.a, p.lda, 0, p.b, p.ldb, 0, p.beta,
+                                    p.c, p.ldc, 0, 1);
+  };
+  if constexpr (std::is_same_v<T, double>) {
+    return one_by_one();  // float64 (tests, references): no grouped path needed
+  } else if constexpr (std::is_same_v<T, float>) {
+    if (get_matmul_precision() == matmul_precision::bf16) return one_by_one();
+  }
+  using scale = float;  // the scaling type of CUBLAS_COMPUTE_32F
+  struct host_arrays {
+    std::vector<cublasOperation_t> opa, opb;
+    std::vector<int> m, n, k, lda, ldb, ldc, size;
+    std::vector<scale> alpha, beta;
+    std::vector<void*> pointers;  // B of every group, then A, then C (cuBLAS's A, B, C)
+  };
+  thread_local host_arrays h;  // reused: no allocation once grown
+  for (auto* v : {&h.m, &h.n, &h.k, &h.lda, &h.ldb, &h.ldc, &h.size}) v->clear();
+  h.opa.clear();
+  h.opb.clear();
+  h.alpha.clear();
+  h.beta.clear();
+  h.pointers.clear();
+  const auto i32 = [](index_t v) { return static_cast<int>(v > 0 ? v : 1); };
+  std::size_t groups = 0;
+  for (const gemm_problem<T>& p : problems) {
+    if (p.m == 0 || p.n == 0) continue;
+    if (p.k == 0) {  // C = beta C: the plain GEMM's documented case, kept out of the group
+      cublas_gemm_strided_batched(p.ta, p.tb, p.m, p.n, p.k, p.alpha, p.a, p.lda, 0, p.b, p.ldb, 0, p.beta, p.c,
+                                  p.ldc, 0, 1);
+      continue;
+    }
+    PROMOE_CHECK(p.m < (index_t{1} << 31) && p.n < (index_t{1} << 31) && p.k < (index_t{1} << 31) &&
+                     p.lda < (index_t{1} << 31) && p.ldb < (index_t{1} << 31) && p.ldc < (index_t{1} << 31),
+                 "cuBLAS: grouped GEMM dimensions beyond 32-bit (m ", p.m, ", n ", p.n, ", k ", p.k, ")");
+    // row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: operands swap
+    h.opa.push_back(p.tb == transpose::yes ? CUBLAS_OP_T : CUBLAS_OP_N);
+    h.opb.push_back(p.ta == transpose::yes ? CUBLAS_OP_T : CUBLAS_OP_N);
+    h.m.push_back(i32(p.n));
+    h.n.push_back(i32(p.m));
+    h.k.push_back(static_cast<int>(p.k));
+    h.lda.push_back(i32(p.ldb));
+    h.ldb.push_back(i32(p.lda));
+    h.ldc.push_back(i32(p.ldc));
+    h.size.push_back(1);
+    h.alpha.push_back(static_cast<scale>(p.alpha));
+    h.beta.push_back(static_cast<scale>(p.beta));
+    ++groups;
+  }
+  if (groups == 0) return;
+  h.pointers.resize(3 * groups);
+  std::size_t g = 0;
+  for (const gemm_problem<T>& p : problems) {
+    if (p.m == 0 || p.n == 0 || p.k == 0) continue;
+    h.pointers[g] = const_cast<T*>(p.b);
+    h.pointers[groups + g] = const_cast<T*>(p.a);
+    h.pointers[2 * groups + g] = p.c;
+    ++g;
+  }
+  cublasHandle_t handle = cublas_handle();
+  cudaStream_t stream = nullptr;
+  cublas_check(cublasGetStream(handle, &stream), "cublasGetStream", 0, 0, 0);
+  void** device_pointers = grouped_gemm_pointer_array(h.pointers.size());
+  for (std::size_t first = 0; first < h.pointers.size(); first += device_pointer_batch::capacity) {
+    device_pointer_batch batch{};
+    batch.count = static_cast<int>(std::min<std::size_t>(device_pointer_batch::capacity, h.pointers.size() - first));
+    for (int i = 0; i < batch.count; ++i) batch.pointers[i] = h.pointers[first + static_cast<std::size_t>(i)];
+    write_device_pointers<<<1, device_pointer_batch::capacity, 0, stream>>>(batch, device_pointers + first);
+  }
+  const cudaError_t launched = cudaGetLastError();
+  PROMOE_CHECK(launched == cudaSuccess, "cuBLAS grouped GEMM: writing the pointer arrays failed: ",
+               cudaGetErrorName(launched));
+  // float32, or bf16 tensors; float32 accumulation either way
+  const cudaDataType_t type = std::is_same_v<T, bf16> ? CUDA_R_16BF : CUDA_R_32F;
+  const cublasComputeType_t compute = CUBLAS_COMPUTE_32F;
+  const int count = static_cast<int>(groups);
+  const cublasStatus_t st = cublasGemmGroupedBatchedEx(
+      handle, h.opa.data(), h.opb.data(), h.m.data(), h.n.data(), h.k.data(), h.alpha.data(), device_pointers, type,
+      h.lda.data(), device_pointers + groups, type, h.ldb.data(), h.beta.data(),
+      device_pointers + 2 * groups, type, h.ldc.data(), count, h.size.data(), compute);
+  if (st == CUBLAS_STATUS_NOT_SUPPORTED) return one_by_one(false);  // the k = 0 ones ran above
+  cublas_check(st, "cublasGemmGroupedBatchedEx", h.n.front(), h.m.front(), h.k.front());
 }
 
 /// C[m, n] = alpha * op(A) * op(B) + beta * C, all row-major with leading dimensions.

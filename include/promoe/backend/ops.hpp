@@ -5,6 +5,9 @@
 /// runs the same code.
 #pragma once
 
+#include <span>
+#include <type_traits>
+
 #include "../core/error.hpp"
 #include "../core/view.hpp"
 #include "backend.hpp"
@@ -45,17 +48,40 @@ void gemm_strided_batched(transpose ta, transpose tb, index_t m, index_t n, inde
   }
 }
 
+/// Every problem of `problems` (independent: no C overlaps another problem's operands or C).
+/// Backends with their own grouped GEMM (backend_traits::gemm_grouped: one cuBLAS call) run
+/// it; elsewhere the problems run as tasks (side by side on the host). Empty problems (m or n
+/// 0) are skipped; k = 0 scales C by beta.
+template <class B, class T>
+void gemm_grouped(std::span<const gemm_problem<T>> problems) {
+  if constexpr (requires { backend_traits<B>::gemm_grouped(problems); }) {
+    backend_traits<B>::gemm_grouped(problems);
+  } else {
+    backend_traits<B>::parallel_tasks(static_cast<index_t>(problems.size()), [&](index_t i) {
+      const gemm_problem<T>& p = problems[static_cast<std::size_t>(i)];
+      backend_traits<B>::gemm(p.ta, p.tb, p.m, p.n, p.k, p.alpha, p.a, p.lda, p.b, p.ldb, p.beta, p.c, p.ldc);
+    });
+  }
+}
+
 namespace detail {
-/// out[r, :] = row, or += row when accumulate.
+/// to[i] = from[i], converted (widened or rounded).
+template <class From, class To>
+struct convert_functor {
+  const From* from;
+  To* to;
+  PROMOE_HOST_DEVICE void operator()(index_t i) const { to[i] = static_cast<To>(from[i]); }
+};
+/// out[r, :] = bias, or += bias when accumulate.
 template <class T>
 struct broadcast_row_functor {
   T* out;  // [rows, cols], leading dimension ld
   index_t cols, ld;
-  const T* row;  // [cols]
+  const T* bias;  // [cols]
   bool accumulate;
   PROMOE_HOST_DEVICE void operator()(index_t r) const {
     T* o = out + r * ld;
-    for (index_t j = 0; j < cols; ++j) o[j] = accumulate ? T(o[j] + row[j]) : row[j];
+    for (index_t j = 0; j < cols; ++j) o[j] = accumulate ? T(o[j] + bias[j]) : bias[j];
   }
 };
 /// out[r, :] = in[r, :], or += when accumulate.
@@ -86,6 +112,17 @@ void copy(const_matrix_view<T> in, matrix_view<T> out) {
     backend_traits<B>::copy(in.data, in.rows * in.cols, out.data);
   else
     backend_traits<B>::parallel_for(in.rows, detail::copy_rows_functor<T>{in.data, in.ld, out.data, out.ld, in.cols, false});
+}
+
+/// to[i] = from[i] for i in [0, n): a copy, or converted (widened or rounded) where the types
+/// differ (bf16 values and their float32 copies).
+template <class B, class From, class To>
+void convert(const From* from, index_t n, To* to) {
+  if constexpr (std::is_same_v<From, To>) {
+    backend_traits<B>::copy(from, n, to);
+  } else if (n > 0) {
+    backend_traits<B>::parallel_for(n, detail::convert_functor<From, To>{from, to});
+  }
 }
 
 /// out += in (same shape, any leading dimensions).

@@ -13,6 +13,8 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
+#include <span>
 #include <vector>
 
 #include <thrust/binary_search.h>
@@ -125,6 +127,96 @@ class temporary_allocator {
   };
   std::vector<block> blocks_;
 };
+
+#if THRUST_DEVICE_SYSTEM == THRUST_DEVICE_SYSTEM_CUDA
+/// Host-to-device copies that do not wait for the device. A plain copy from pageable memory
+/// (thrust::copy_n, cudaMemcpy) waits for all queued work first: every upload of a step's
+/// labels, times or routing masks would be a host synchronisation. Here the bytes go into a
+/// ring of pinned staging memory and cudaMemcpyAsync queues the copy on the default stream, in
+/// order with the kernels around it. A region of the ring is written again only after the
+/// copy out of it has finished (an event per copy; with 8 MiB of ring that wait almost never
+/// happens). Copies larger than half the ring go the plain way.
+class upload_ring {
+ public:
+  static constexpr std::size_t capacity = std::size_t{8} << 20;
+  static constexpr std::size_t alignment = 256;
+
+  void upload(const void* src, std::size_t bytes, void* dst) {
+    if (bytes == 0) return;
+    if (bytes > capacity / 2 || !ensure_staging()) {
+      check(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice), "cudaMemcpy");
+      return;
+    }
+    const std::size_t size = (bytes + alignment - 1) / alignment * alignment;
+    if (head_ + size > capacity) head_ = 0;
+    // wait for (and retire) every earlier copy out of the region about to be written
+    for (std::size_t i = 0; i < in_flight_.size();) {
+      copy& c = in_flight_[i];
+      if (c.begin < head_ + size && head_ < c.end) {
+        check(cudaEventSynchronize(c.done), "cudaEventSynchronize");
+        free_events_.push_back(c.done);
+        in_flight_.erase(in_flight_.begin() + static_cast<std::ptrdiff_t>(i));
+      } else {
+        ++i;
+      }
+    }
+    char* stage = staging_ + head_;
+    std::memcpy(stage, src, bytes);
+    check(cudaMemcpyAsync(dst, stage, bytes, cudaMemcpyHostToDevice, cudaStreamLegacy), "cudaMemcpyAsync");
+    cudaEvent_t done;
+    if (free_events_.empty()) {
+      check(cudaEventCreateWithFlags(&done, cudaEventDisableTiming), "cudaEventCreate");
+    } else {
+      done = free_events_.back();
+      free_events_.pop_back();
+    }
+    check(cudaEventRecord(done, cudaStreamLegacy), "cudaEventRecord");
+    in_flight_.push_back({head_, head_ + size, done});
+    head_ += size;
+  }
+
+  /// The calling thread's ring.
+  static upload_ring& of_this_thread() {
+    thread_local upload_ring r;
+    return r;
+  }
+
+  upload_ring() = default;
+  upload_ring(const upload_ring&) = delete;
+  upload_ring& operator=(const upload_ring&) = delete;
+  ~upload_ring() {
+    // at process exit the CUDA runtime may already be gone; errors are ignored here
+    for (const copy& c : in_flight_) {
+      cudaEventSynchronize(c.done);
+      cudaEventDestroy(c.done);
+    }
+    for (cudaEvent_t e : free_events_) cudaEventDestroy(e);
+    if (staging_) cudaFreeHost(staging_);
+  }
+
+ private:
+  struct copy {
+    std::size_t begin, end;
+    cudaEvent_t done;
+  };
+
+  bool ensure_staging() {
+    if (!staging_ && !failed_) failed_ = cudaMallocHost(reinterpret_cast<void**>(&staging_), capacity) != cudaSuccess;
+    if (failed_) (void)cudaGetLastError();  // no pinned memory: plain copies, and a clean error state
+    return staging_ != nullptr;
+  }
+  static void check(cudaError_t e, const char* what) {
+    PROMOE_CHECK(e == cudaSuccess, "CUDA upload: ", what, " failed: ", cudaGetErrorName(e), " (",
+                 cudaGetErrorString(e), ")");
+  }
+
+  char* staging_ = nullptr;
+  bool failed_ = false;
+  std::size_t head_ = 0;
+  std::vector<copy> in_flight_;
+  std::vector<cudaEvent_t> free_events_;
+};
+#endif
 
 /// The execution policy of work whose result stays on the device: on CUDA par_nosync (queued
 /// on the default stream, in order with the other launches and cuBLAS; the host goes on and
@@ -250,6 +342,12 @@ struct backend_traits<backend::thrust> {
     detail::cublas_gemm_strided_batched(ta, tb, m, n, k, alpha, a, lda, stride_a, b, ldb, stride_b, beta, c, ldc,
                                         stride_c, batch);
   }
+  /// Every problem in one cuBLAS grouped GEMM. (Elsewhere ops::gemm_grouped runs one gemm
+  /// after another.)
+  template <class T>
+  static void gemm_grouped(std::span<const gemm_problem<T>> problems) {
+    detail::cublas_gemm_grouped(problems);
+  }
 #endif
 
   /// Stable grouping by key. On a GPU: keys outside [0, num_keys) become num_keys (so they
@@ -284,9 +382,16 @@ struct backend_traits<backend::thrust> {
   static void copy_to_host(const T* src, index_t n, T* host_dst) {
     if (n > 0) ::thrust::copy_n(::thrust::device_pointer_cast(src), n, host_dst);
   }
+  /// Host to device. On a GPU queued without waiting for the device (detail::upload_ring): the
+  /// host may reuse host_src as soon as this returns.
   template <class T>
   static void copy_from_host(const T* host_src, index_t n, T* dst) {
-    if (n > 0) ::thrust::copy_n(host_src, n, ::thrust::device_pointer_cast(dst));
+    if (n <= 0) return;
+#if THRUST_DEVICE_SYSTEM == THRUST_DEVICE_SYSTEM_CUDA
+    detail::upload_ring::of_this_thread().upload(host_src, sizeof(T) * static_cast<std::size_t>(n), dst);
+#else
+    ::thrust::copy_n(host_src, n, ::thrust::device_pointer_cast(dst));
+#endif
   }
   template <class T>
   static void copy(const T* src, index_t n, T* dst) {

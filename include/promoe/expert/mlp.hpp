@@ -12,6 +12,7 @@
 #include "../core/rng.hpp"
 #include "activation.hpp"
 #include "bank_size.hpp"
+#include "expert_rows.hpp"
 #include "naming.hpp"
 
 namespace promoe::expert {
@@ -83,6 +84,57 @@ struct mlp {
       ops::accumulate_column_sums<B>(const_matrix_view<T>(dh), ones, gb1(e));
       ops::gemm<B, T>(dh, transpose::no, const_matrix_view<T>{w1(e), hidden_, dim_}, transpose::no, dx, T(1),
                       accumulate_dx ? T(1) : T(0));
+    }
+
+    /// y = every expert on its rows of x (rows in expert order as `g` says); act [rows, 2I]
+    /// receives the activations. Two grouped GEMMs and two row passes for the whole bank.
+    void forward_grouped(const expert_rows& g, const_matrix_view<T> x, matrix_view<T> act, matrix_view<T> y) const {
+      g.check(count_, x.rows, "expert::mlp::forward_grouped");
+      const index_t rows = g.total_rows();
+      if (rows == 0) return;
+      auto h = act.col_block(0, hidden_);
+      auto a = act.col_block(hidden_, hidden_);
+      gemm_per_expert<B, T>(g, [&](index_t e, index_t first, index_t m, auto push) {
+        push({transpose::no, transpose::yes, m, hidden_, dim_, T(1), x.row(first), x.ld, w1(e), dim_, T(0),
+              h.row(first), h.ld});
+      });
+      traits::parallel_for(rows, with_expert_bias<act::bias_apply_rows_functor<Act, T>>{
+                                     {h.data, h.ld, b1_.data(), a.data, a.ld, hidden_}, g.offsets, count_, hidden_});
+      gemm_per_expert<B, T>(g, [&](index_t e, index_t first, index_t m, auto push) {
+        push({transpose::no, transpose::yes, m, dim_, hidden_, T(1), a.row(first), a.ld, w2(e), hidden_, T(0),
+              y.row(first), y.ld});
+      });
+      // BLAS adds beta * C after the product, so adding the bias now rounds as forward() does
+      traits::parallel_for(rows, with_expert_bias<ops::detail::broadcast_row_functor<T>>{
+                                     {y.data, dim_, y.ld, b2_.data(), true}, g.offsets, count_, dim_});
+    }
+
+    /// backward() for every expert at once (rows as `g` says): parameter gradients
+    /// accumulate, dx is overwritten. Two grouped GEMMs of three stages each.
+    void backward_grouped(const expert_rows& g, const_matrix_view<T> x, const_matrix_view<T> act,
+                          const_matrix_view<T> dy, matrix_view<T> dx, matrix_view<T> scratch, const T* ones) {
+      g.check(count_, x.rows, "expert::mlp::backward_grouped");
+      const index_t rows = g.total_rows();
+      if (rows == 0) return;
+      auto a = act.col_block(hidden_, hidden_);
+      auto dh = scratch.col_block(0, hidden_);
+      gemm_per_expert<B, T>(g, [&](index_t e, index_t first, index_t m, auto push) {
+        push({transpose::yes, transpose::no, dim_, hidden_, m, T(1), dy.row(first), dy.ld, a.row(first), a.ld, T(1),
+              gw2(e), hidden_});
+        push({transpose::no, transpose::no, 1, dim_, m, T(1), ones, m, dy.row(first), dy.ld, T(1), gb2(e), dim_});
+        push({transpose::no, transpose::no, m, hidden_, dim_, T(1), dy.row(first), dy.ld, w2(e), hidden_, T(0),
+              dh.row(first), dh.ld});
+      });
+      traits::parallel_for(rows, act::backward_rows_functor<Act, T>{act.data, act.ld, dh.data, dh.ld, dh.data, dh.ld,
+                                                                   hidden_, false});
+      gemm_per_expert<B, T>(g, [&](index_t e, index_t first, index_t m, auto push) {
+        push({transpose::yes, transpose::no, hidden_, dim_, m, T(1), dh.row(first), dh.ld, x.row(first), x.ld, T(1),
+              gw1(e), dim_});
+        push({transpose::no, transpose::no, 1, hidden_, m, T(1), ones, m, dh.row(first), dh.ld, T(1), gb1(e),
+              hidden_});
+        push({transpose::no, transpose::no, m, dim_, hidden_, T(1), dh.row(first), dh.ld, w1(e), dim_, T(0),
+              dx.row(first), dx.ld});
+      });
     }
 
     /// f(named_parameter) for expert e under `prefix` (e.g. "experts.3.").

@@ -14,6 +14,7 @@
 #include "../core/rng.hpp"
 #include "activation.hpp"
 #include "bank_size.hpp"
+#include "expert_rows.hpp"
 #include "naming.hpp"
 
 namespace promoe::expert {
@@ -102,6 +103,46 @@ struct swiglu {
       ops::gemm<B, T>(d, transpose::yes, x, transpose::no, matrix_view<T>{gwgu(e), 2 * hidden_, dim_}, T(1), T(1));
       ops::gemm<B, T>(d, transpose::no, const_matrix_view<T>{wgu(e), 2 * hidden_, dim_}, transpose::no, dx, T(1),
                       accumulate_dx ? T(1) : T(0));
+    }
+
+    /// forward() for every expert at once, y overwritten (see mlp's forward_grouped).
+    void forward_grouped(const expert_rows& g, const_matrix_view<T> x, matrix_view<T> act, matrix_view<T> y) const {
+      g.check(count_, x.rows, "expert::swiglu::forward_grouped");
+      const index_t rows = g.total_rows();
+      if (rows == 0) return;
+      gemm_per_expert<B, T>(g, [&](index_t e, index_t first, index_t m, auto push) {
+        push({transpose::no, transpose::yes, m, 2 * hidden_, dim_, T(1), x.row(first), x.ld, wgu(e), dim_, T(0),
+              act.row(first), act.ld});
+      });
+      traits::parallel_for(rows, detail::swiglu_functor<T>{act.data, hidden_});
+      const auto p = act.col_block(2 * hidden_, hidden_);
+      gemm_per_expert<B, T>(g, [&](index_t e, index_t first, index_t m, auto push) {
+        push({transpose::no, transpose::yes, m, dim_, hidden_, T(1), p.row(first), p.ld, wd(e), hidden_, T(0),
+              y.row(first), y.ld});
+      });
+    }
+
+    /// backward() for every expert at once, dx overwritten (see mlp's backward_grouped).
+    void backward_grouped(const expert_rows& g, const_matrix_view<T> x, const_matrix_view<T> act,
+                          const_matrix_view<T> dy, matrix_view<T> dx, matrix_view<T> scratch, const T*) {
+      g.check(count_, x.rows, "expert::swiglu::backward_grouped");
+      const index_t rows = g.total_rows();
+      if (rows == 0) return;
+      auto d = scratch.col_block(0, 2 * hidden_);
+      const auto p = act.col_block(2 * hidden_, hidden_);
+      gemm_per_expert<B, T>(g, [&](index_t e, index_t first, index_t m, auto push) {
+        push({transpose::yes, transpose::no, dim_, hidden_, m, T(1), dy.row(first), dy.ld, p.row(first), p.ld, T(1),
+              gwd(e), hidden_});
+        push({transpose::no, transpose::no, m, hidden_, dim_, T(1), dy.row(first), dy.ld, wd(e), hidden_, T(0),
+              d.row(first), d.ld});
+      });
+      traits::parallel_for(rows, detail::swiglu_backward_functor<T>{act.data, d.data, hidden_});
+      gemm_per_expert<B, T>(g, [&](index_t e, index_t first, index_t m, auto push) {
+        push({transpose::yes, transpose::no, 2 * hidden_, dim_, m, T(1), d.row(first), d.ld, x.row(first), x.ld, T(1),
+              gwgu(e), dim_});
+        push({transpose::no, transpose::no, m, dim_, 2 * hidden_, T(1), d.row(first), d.ld, wgu(e), dim_, T(0),
+              dx.row(first), dx.ld});
+      });
     }
 
     template <class F>

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "../backend/backend.hpp"
+#include "../backend/ops.hpp"
 #include "../backend/tensor.hpp"
 #include "../core/bf16.hpp"
 #include "../core/config.hpp"
@@ -43,14 +44,6 @@ struct ema_update_functor {
     const S s = shadow[i] * decay;
     shadow[i] = s + one_minus_decay * static_cast<S>(value[i]);
   }
-};
-
-/// to[i] = from[i], converted (widened or rounded).
-template <class From, class To>
-struct convert_functor {
-  const From* from;
-  To* to;
-  PROMOE_HOST_DEVICE void operator()(index_t i) const { to[i] = static_cast<To>(from[i]); }
 };
 
 /// Exchanges a[i] and b[i].
@@ -89,7 +82,7 @@ class ema {
                    "' appears twice; shadow names must be unique");
       tracked_.push_back({p.name, p.shape, p.value, nullptr});
       shadow_.emplace_back(p.shape);
-      assign_(p.value, n, shadow_.back().data());
+      ops::convert<B>(p.value, n, shadow_.back().data());
     }
   }
 
@@ -109,7 +102,8 @@ class ema {
 
   /// shadow = value for every tracked entry (a restart of the average).
   void reset() {
-    for (std::size_t k = 0; k < tracked_.size(); ++k) assign_(tracked_[k].value, tracked_[k].size(), shadow_[k].data());
+    for (std::size_t k = 0; k < tracked_.size(); ++k)
+      ops::convert<B>(tracked_[k].value, tracked_[k].size(), shadow_[k].data());
   }
 
   double decay() const { return decay_; }
@@ -137,7 +131,7 @@ class ema {
   void copy_to(const std::vector<named_parameter<T>>& params) const {
     const auto by_name = index_of_(params);
     for (std::size_t k = 0; k < tracked_.size(); ++k)
-      assign_(shadow_[k].data(), tracked_[k].size(), match_(params, by_name, k, "optim::ema::copy_to").value);
+      ops::convert<B>(shadow_[k].data(), tracked_[k].size(), match_(params, by_name, k, "optim::ema::copy_to").value);
   }
 
   /// Exchanges the averages with the values of the matching entries of `params` (same rules
@@ -162,7 +156,7 @@ class ema {
         traits::parallel_for(n, detail::swap_functor<T>{shadow_[k].data(), live});
       } else if (!swapped_) {
         traits::copy(live, n, set_aside_[k].data());
-        assign_(shadow_[k].data(), n, live);
+        ops::convert<B>(shadow_[k].data(), n, live);
       } else {
         traits::copy(set_aside_[k].data(), n, live);
       }
@@ -171,15 +165,6 @@ class ema {
   }
 
  private:
-  /// to = from, converted between T and shadow_type where they differ.
-  template <class From, class To>
-  static void assign_(const From* from, index_t n, To* to) {
-    if constexpr (std::is_same_v<From, To>) {
-      traits::copy(from, n, to);
-    } else if (n > 0) {
-      traits::parallel_for(n, detail::convert_functor<From, To>{from, to});
-    }
-  }
   static void check_decay_(double decay, const char* where) {
     PROMOE_CHECK(decay >= 0.0 && decay <= 1.0, where, ": decay must be in [0, 1], got ", decay);
   }
