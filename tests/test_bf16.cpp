@@ -391,6 +391,135 @@ TEST_CASE("ema of bf16 parameters averages in float32; swap twice restores the l
   CHECK(host_values<bf16, B>(w.data(), n)[5] == static_cast<double>(static_cast<float>(bf16(static_cast<float>(want)))));
 }
 
+namespace {
+/// A DiffusionModel whose output (v or ε) is one constant: the samplers' updates alone.
+template <class T, class B>
+struct constant_model {
+  float value;
+  void operator()(const tensor<T, B>& x, const std::vector<compute_t<T>>&, std::span<const std::int64_t>,
+                  tensor<T, B>& out) const {
+    out.resize(x.shape());
+    out.fill(T(value));
+  }
+};
+
+/// Samples of a bf16 model and of the float32 model with the same (bf16-exact) outputs.
+template <class B, class Sample>
+std::pair<std::vector<bf16>, std::vector<float>> sample_both(float value, Sample sample) {
+  const std::vector<std::int64_t> y(3, 0);
+  tensor<bf16, B> xb({3, 2, 4, 4});
+  tensor<float, B> xf({3, 2, 4, 4});
+  sample(constant_model<bf16, B>{value}, xb, y);
+  sample(constant_model<float, B>{value}, xf, y);
+  return {xb.to_host(), xf.to_host()};
+}
+}  // namespace
+
+TEMPLATE_LIST_TEST_CASE("bf16 samplers keep a float32 state: x is the float32 run's x rounded once",
+                        "[bf16][sampler]", test_backends) {
+  using B = TestType;
+  // 250 Euler steps of dt v = 0.004 each: below half a bf16 step of x near 1 (0.0039), so a bf16
+  // state would lose or double every update. DDPM and DDIM add noise and rescale at each step.
+  const auto check = [](const std::pair<std::vector<bf16>, std::vector<float>>& r) {
+    REQUIRE(r.first.size() == r.second.size());
+    std::size_t differ = 0;
+    for (std::size_t i = 0; i < r.first.size(); ++i) differ += r.first[i].bits != bf16(r.second[i]).bits;
+    CHECK(differ == 0);
+  };
+  check(sample_both<B>(-1.0f, [](auto model, auto& x, const auto& y) {
+    dit::euler_flow(model, x, y, {.steps = 250, .seed = 5});
+  }));
+  check(sample_both<B>(0.5f, [](auto model, auto& x, const auto& y) {
+    dit::ddpm_ancestral(model, x, y, {.steps = 100, .seed = 6});
+  }));
+  check(sample_both<B>(0.25f, [](auto model, auto& x, const auto& y) {
+    dit::ddim(model, x, y, {.steps = 50, .eta = 0.5, .seed = 7});
+  }));
+}
+
+TEST_CASE("bf16 running thresholds average in float32 and restart from a buffer written from outside",
+          "[bf16][routers]") {
+  running_thresholds<bf16, backend::cpu> tau;
+  tau.reset(2, 1.0);
+  // 0.05 (1.05 - 1) = 0.0025 is below half a bf16 step at 1 (0.0039): a bf16 average never moves
+  for (int step = 0; step < 300; ++step) {
+    tau.read();
+    tau.update(0, 0.95, bf16(1.05f));
+    tau.update(1, 0.95, bf16(-0.5f));
+    tau.store();
+  }
+  const auto& v = tau.read();
+  CHECK(v[0].bits == bf16(1.05f).bits);
+  CHECK(v[1].bits == bf16(-0.5f).bits);
+  // a checkpoint load writes the buffer: the average restarts from the loaded value
+  const bf16 loaded[2] = {bf16(3.0f), bf16(0.25f)};
+  backend_traits<backend::cpu>::copy_from_host(loaded, 2, tau.data());
+  tau.read();
+  tau.update(0, 0.5, bf16(3.0f));
+  tau.update(1, 0.5, bf16(0.25f));
+  tau.store();
+  CHECK(static_cast<float>(tau.read()[0]) == 3.0f);
+  CHECK(static_cast<float>(tau.read()[1]) == 0.25f);
+}
+
+TEST_CASE("bf16 Expert Race and expert-choice layers learn their thresholds", "[bf16][routers]") {
+  const auto run = [](auto layer_tag) {
+    using layer_t = typename decltype(layer_tag)::type;
+    typename layer_t::config cfg;
+    cfg.dim = 8;
+    cfg.routed_experts = 4;
+    cfg.expert_hidden = 16;
+    if constexpr (requires { cfg.router.per_sample; }) cfg.router.per_sample = false;  // choice over the batch
+    layer_t layer(cfg, rng{2});
+    typename layer_t::cache c;
+    for (std::uint64_t step = 0; step < 40; ++step) {
+      std::vector<bf16> h(24 * 8);
+      for (std::size_t i = 0; i < h.size(); ++i) h[i] = bf16(static_cast<float>(noise(50 + step, i)));
+      layer.forward(tensor<bf16, backend::cpu>::from_host(h, {24, 8}), {}, c);
+    }
+    const auto buffers = layer.buffers();
+    REQUIRE(buffers.size() == 1);
+    std::vector<bf16> tau(static_cast<std::size_t>(buffers[0].size()));
+    backend_traits<backend::cpu>::copy_to_host(buffers[0].value, buffers[0].size(), tau.data());
+    // moved away from the initial threshold, and routing at inference runs on them
+    const double initial = cfg.router.initial_threshold;
+    for (bf16 t : tau) CHECK(std::abs(static_cast<double>(t) - initial) > 0.05);
+    const auto y = layer.infer(tensor<bf16, backend::cpu>::from_host(std::vector<bf16>(24 * 8, bf16(0.5f)), {24, 8}));
+    CHECK(y.size() == 24 * 8);
+  };
+  using race_t = moe_layer<router::expert_race, expert::mlp<act::gelu_tanh>, losses<>, backend::cpu, bf16>;
+  using choice_t = moe_layer<router::expert_choice, expert::mlp<act::gelu_tanh>, losses<>, backend::cpu, bf16>;
+  run(std::type_identity<race_t>{});
+  run(std::type_identity<choice_t>{});
+}
+
+TEMPLATE_LIST_TEST_CASE("bf16 label embedding: a label's gradient is its samples' sum rounded once",
+                        "[bf16][embed]", test_backends) {
+  using B = TestType;
+  const index_t classes = 4, dim = 8, n = 300;
+  nn::label_embedder<bf16, B> emb(classes, dim);
+  std::vector<std::int64_t> labels(n);
+  for (index_t s = 0; s < n; ++s) labels[s] = s % 7 == 0 ? 1 : 3;  // two classes, 43 and 257 samples
+  typename nn::label_embedder<bf16, B>::cache c;
+  tensor<bf16, B> y({n, dim});
+  emb.forward(labels, y.matrix(), c);
+  const auto dy_host = bf16_values<bf16>(static_cast<std::size_t>(n * dim), 91, 0.5);
+  emb.zero_grad();
+  emb.backward(tensor<bf16, B>::from_host(dy_host, {n, dim}).cmatrix(), c);
+  const auto grad = host_values<bf16, B>(emb.table.grad.data(), (classes + 1) * dim);
+  double worst_steps = 0;
+  for (index_t label = 0; label <= classes; ++label)
+    for (index_t j = 0; j < dim; ++j) {
+      double want = 0;
+      for (index_t s = 0; s < n; ++s)
+        if (labels[s] == label) want += static_cast<double>(dy_host[s * dim + j]);
+      // half a bf16 step of the sum (2^-9 relative), plus float32 summation error
+      worst_steps = std::max(worst_steps, std::abs(grad[label * dim + j] - want) /
+                                              (std::ldexp(std::abs(want), -8) + 1e-5));
+    }
+  CHECK(worst_steps <= 1.0);
+}
+
 TEST_CASE("bf16 layers reject NaN and Inf inputs by name", "[bf16][errors]") {
   using B = backend::cpu;
   auto cfg = small_promoe<B, bf16>(32);

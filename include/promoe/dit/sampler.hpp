@@ -17,16 +17,19 @@
 /// is 1000 σ (flow) or the original integer timestep (DDPM/DDIM, also when respaced, as
 /// DiT's _WrappedModel maps it). Noise: streams::sampler_initial_noise() for x_T and
 /// streams::sampler_step_noise(k) for the k-th step taken (see objective.hpp). Coefficients
-/// are float64; each update is computed in float64 and rounded to T.
+/// are float64; each update is computed in float64 and rounded to the state's type: T, or
+/// float32 for bf16 models (dit::detail::sampler_state), whose x is the state rounded.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <span>
+#include <type_traits>
 #include <vector>
 
 #include "../backend/backend.hpp"
+#include "../backend/ops.hpp"
 #include "../backend/tensor.hpp"
 #include "../core/bf16.hpp"
 #include "../core/config.hpp"
@@ -85,15 +88,15 @@ struct channel_map {
   }
 };
 
-/// x ← x + dt v.
-template <class T>
+/// x ← x + dt v (x the sampler's state S, v the model's output V).
+template <class S, class V>
 struct euler_step_functor {
-  T* x;        // [N, C, H, W]
-  const T* v;  // [N, C_out, H, W]
+  S* x;        // [N, C, H, W]
+  const V* v;  // [N, C_out, H, W]
   channel_map map;
   double dt;
   PROMOE_HOST_DEVICE void operator()(index_t i) const {
-    x[i] = static_cast<T>(static_cast<double>(x[i]) + dt * static_cast<double>(v[map(i)]));
+    x[i] = static_cast<S>(static_cast<double>(x[i]) + dt * static_cast<double>(v[map(i)]));
   }
 };
 
@@ -110,10 +113,10 @@ struct eps_step_params {
 };
 
 /// x0 = recip x − recipm1 ε (clipped if asked); x ← c_x0 x0 + c_xt x + c_eps ε' + noise z.
-template <class T>
+template <class S, class V>
 struct eps_step_functor {
-  T* x;          // [N, C, H, W]
-  const T* eps;  // [N, C_out, H, W]
+  S* x;          // [N, C, H, W] the sampler's state
+  const V* eps;  // [N, C_out, H, W] the model's output
   channel_map map;
   eps_step_params p;
   std::uint64_t seed, stream;
@@ -125,8 +128,37 @@ struct eps_step_functor {
     if (p.ddim) e = (p.recip * xt - x0) / p.recipm1;
     double next = p.c_x0 * x0 + p.c_xt * xt + p.c_eps * e;
     if (p.noise != 0.0) next += p.noise * rng::normal(seed, stream, static_cast<std::uint64_t>(i));
-    x[i] = static_cast<T>(next);
+    x[i] = static_cast<S>(next);
   }
+};
+
+/// The running x of a sampler: x itself, or for bf16 models a float32 copy that is rounded into
+/// x for each model call. (In bf16 a step's update, dt v with dt = 1/250, is below half a
+/// bf16 step of x and would be rounded away.)
+template <class T, class B>
+class sampler_state {
+ public:
+  using value_type = compute_t<T>;
+  static constexpr bool separate = !std::is_same_v<value_type, T>;
+
+  explicit sampler_state(tensor<T, B>& x) : x_(x) {
+    if constexpr (separate) state_.resize(x.shape());
+  }
+  value_type* data() {
+    if constexpr (separate)
+      return state_.data();
+    else
+      return x_.data();
+  }
+  index_t size() const { return x_.size(); }
+  /// x = the state (rounded): before each model call and at the end.
+  void publish() {
+    if constexpr (separate) ops::convert<B>(state_.data(), state_.size(), x_.data());
+  }
+
+ private:
+  tensor<T, B>& x_;
+  tensor<value_type, B> state_;
 };
 
 template <class T, class B>
@@ -161,17 +193,19 @@ void eps_sampling_loop(const char* who, Model& model, tensor<T, B>& x, std::span
   const index_t n = x.dim(0);
   tensor<T, B> out;
   std::vector<compute_t<T>> t(static_cast<std::size_t>(n));
-  if (x.size() > 0)
-    backend_traits<B>::parallel_for(x.size(), normal_fill_functor<T>{x.data(), seed, streams::sampler_initial_noise()});
+  sampler_state<T, B> state(x);
+  using S = typename sampler_state<T, B>::value_type;
+  backend_traits<B>::parallel_for(state.size(), normal_fill_functor<S>{state.data(), seed, streams::sampler_initial_noise()});
   for (index_t j = 0; j < s.size(); ++j) {
     const index_t k = s.size() - 1 - j;
     std::fill(t.begin(), t.end(), static_cast<compute_t<T>>(s.timesteps[static_cast<std::size_t>(k)]));
+    state.publish();
     const index_t c_out = call_model(who, model, x, t, y, out);
-    if (x.size() == 0) continue;
     backend_traits<B>::parallel_for(
-        x.size(), eps_step_functor<T>{x.data(), out.data(), channel_map{x.dim(1), c_out, x.dim(2) * x.dim(3)},
-                                      params(k), seed, streams::sampler_step_noise(static_cast<std::uint64_t>(j))});
+        state.size(), eps_step_functor<S, T>{state.data(), out.data(), channel_map{x.dim(1), c_out, x.dim(2) * x.dim(3)},
+                                             params(k), seed, streams::sampler_step_noise(static_cast<std::uint64_t>(j))});
   }
+  state.publish();
 }
 
 }  // namespace detail
@@ -188,21 +222,23 @@ void euler_flow(Model&& model, tensor<T, B>& x, std::span<const std::int64_t> y,
   const index_t n = x.dim(0);
   tensor<T, B> out;
   std::vector<compute_t<T>> t(static_cast<std::size_t>(n));
-  if (x.size() > 0)
-    backend_traits<B>::parallel_for(x.size(),
-                                    detail::normal_fill_functor<T>{x.data(), o.seed, streams::sampler_initial_noise()});
+  detail::sampler_state<T, B> state(x);
+  using S = typename detail::sampler_state<T, B>::value_type;
+  backend_traits<B>::parallel_for(state.size(),
+                                  detail::normal_fill_functor<S>{state.data(), o.seed, streams::sampler_initial_noise()});
   const double steps = static_cast<double>(o.steps);
   for (index_t k = 0; k < o.steps; ++k) {
     const double sigma = static_cast<double>(o.steps - k) / steps;
     const double sigma_next = static_cast<double>(o.steps - k - 1) / steps;
     std::fill(t.begin(), t.end(), static_cast<compute_t<T>>(rectified_flow::time_scale * sigma));
+    state.publish();
     const index_t c_out = detail::call_model(who, model, x, t, y, out);
-    if (x.size() == 0) continue;
     backend_traits<B>::parallel_for(
-        x.size(), detail::euler_step_functor<T>{x.data(), out.data(),
-                                                detail::channel_map{x.dim(1), c_out, x.dim(2) * x.dim(3)},
-                                                sigma_next - sigma});
+        state.size(), detail::euler_step_functor<S, T>{state.data(), out.data(),
+                                                       detail::channel_map{x.dim(1), c_out, x.dim(2) * x.dim(3)},
+                                                       sigma_next - sigma});
   }
+  state.publish();
 }
 
 /// DDPM ancestral sampling (DiT's p_sample_loop with FIXED_SMALL variance): x_T = ε, then

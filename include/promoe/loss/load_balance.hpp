@@ -44,7 +44,7 @@ struct masked_expert_count_functor {
   const std::int32_t* slot_expert;  // [tokens, slots]
   const T* mask;                    // [tokens]
   index_t tokens, slots;
-  T* count;  // [E]
+  compute_t<T>* count;  // [E] (float for bf16: counts above 256 are not bf16 values)
   PROMOE_HOST_DEVICE void operator()(index_t e) const {
     compute_t<T> s = 0;
     for (index_t t = 0; t < tokens; ++t)
@@ -69,9 +69,10 @@ struct load_balance {
       tensor<T, B> probs;  ///< [tokens, E] softmax of the logits
       tensor<T, B> mean;   ///< [E] P_e
       tensor<T, B> g;      ///< [E] gradient coefficients
-      tensor<T, B> count;  ///< [E] slots per expert of masked-in tokens (with a token mask)
-      std::vector<double> f;  ///< [E] dispatch fractions (host)
-      std::vector<T> mean_host, g_host, count_host;
+      tensor<compute_t<T>, B> count;  ///< [E] slots per expert of masked-in tokens (with a token mask)
+      std::vector<double> f;           ///< [E] dispatch fractions (host)
+      std::vector<T> mean_host, g_host;
+      std::vector<compute_t<T>> count_host;
     };
 
     impl(const options& o, const router_layout&) : opt_(o) {}

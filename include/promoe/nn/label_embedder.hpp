@@ -12,6 +12,7 @@
 
 #include "../backend/init.hpp"
 #include "../backend/tensor.hpp"
+#include "../core/bf16.hpp"
 #include "../core/error.hpp"
 #include "../core/rng.hpp"
 #include "parameter.hpp"
@@ -42,18 +43,29 @@ struct label_gather_functor {
   }
 };
 
-/// grad[labels[s], j] += dy[s, j] over every sample s, for one column j: each thread owns a
-/// column, so no two threads write the same element, and the samples add in index order
-/// (deterministic, whichever samples share a label).
+/// grad[label, j] += Σ dy[s, j] over the samples s of each label, for one column j: each
+/// thread owns a column, so no two threads write the same element; a label's samples are
+/// summed in compute_t<T> in index order (`order`: the samples sorted by label, stably) and
+/// added once, so a bf16 table does not round after every sample.
 template <class T>
 struct label_scatter_add_functor {
   const T* dy;  // [n, D], leading dimension ld
   index_t ld;
   const std::int64_t* labels;  // [n]
+  const index_t* order;        // [n] samples sorted by label
   index_t n, dim;
   T* grad;  // [num_classes + 1, D]
   PROMOE_HOST_DEVICE void operator()(index_t j) const {
-    for (index_t s = 0; s < n; ++s) grad[labels[s] * dim + j] += dy[s * ld + j];
+    compute_t<T> acc = 0;
+    for (index_t k = 0; k < n; ++k) {
+      const index_t s = order[k];
+      acc += static_cast<compute_t<T>>(dy[s * ld + j]);
+      if (k + 1 == n || labels[order[k + 1]] != labels[s]) {
+        T& g = grad[labels[s] * dim + j];
+        g = static_cast<T>(static_cast<compute_t<T>>(g) + acc);
+        acc = 0;
+      }
+    }
   }
 };
 }  // namespace detail
@@ -109,6 +121,8 @@ class label_embedder {
   /// What backward needs; owned by the caller, reused across calls.
   struct cache {
     tensor<std::int64_t, B> labels;  ///< [n] the labels of the last forward (backend memory)
+    tensor<index_t, B> order;        ///< [n] its samples sorted by label (stable)
+    std::vector<index_t> order_host, first_of_label;
     index_t rows = 0;                ///< n of the last forward
   };
 
@@ -138,17 +152,28 @@ class label_embedder {
     c.labels.resize({n});
     if (n == 0) return;
     backend_traits<B>::copy_from_host(labels.data(), n, c.labels.data());
+    // samples by label, stable: a counting sort (labels lie in [0, num_classes]; no allocation
+    // once the cache's vectors have their size, where std::stable_sort takes a buffer each call)
+    c.first_of_label.assign(static_cast<std::size_t>(classes_ + 2), 0);
+    for (const std::int64_t l : labels) ++c.first_of_label[static_cast<std::size_t>(l) + 1];
+    for (std::size_t l = 1; l < c.first_of_label.size(); ++l) c.first_of_label[l] += c.first_of_label[l - 1];
+    c.order_host.resize(static_cast<std::size_t>(n));
+    for (index_t s = 0; s < n; ++s) c.order_host[static_cast<std::size_t>(c.first_of_label[labels[s]]++)] = s;
+    c.order.resize({n});
+    backend_traits<B>::copy_from_host(c.order_host.data(), n, c.order.data());
     backend_traits<B>::parallel_for(
         n, detail::label_gather_functor<T>{table.value.data(), c.labels.data(), y.data, y.ld, dim_});
   }
 
-  /// table.grad[labels[s], :] += dy[s, :] (race-free and deterministic: one thread per column).
+  /// table.grad[labels[s], :] += dy[s, :] (race-free and deterministic: one thread per column;
+  /// each label's samples summed first, in compute_t<T>).
   void backward(const_matrix_view<T> dy, cache& c) {
     PROMOE_CHECK(dy.rows == c.rows && dy.cols == dim_, "nn::label_embedder::backward: dy is [", dy.rows, ", ",
                  dy.cols, "], expected [", c.rows, ", ", dim_, "] (the forward's y)");
     if (c.rows == 0) return;
     backend_traits<B>::parallel_for(dim_, detail::label_scatter_add_functor<T>{dy.data, dy.ld, c.labels.data(),
-                                                                                c.rows, dim_, table.grad.data()});
+                                                                                c.order.data(), c.rows, dim_,
+                                                                                table.grad.data()});
   }
 
   /// Random label dropout with this table's null label (see nn::drop_labels).

@@ -24,6 +24,7 @@
 #include "../routing/dispatch_plan.hpp"
 #include "../routing/loss_input.hpp"
 #include "concept.hpp"
+#include "running_thresholds.hpp"
 #include "linear_gate.hpp"
 #include "score.hpp"
 #include "selection.hpp"
@@ -50,7 +51,6 @@ struct expert_choice {
     struct cache {
       tensor<T, B> logits, scores, dlogits;  ///< [tokens, E]
       std::vector<T> host_scores;
-      std::vector<T> tau;  ///< the thresholds on the host
       std::vector<std::uint8_t> selected;
       std::vector<index_t> items;
       loss_gradients<T, B> loss;
@@ -58,8 +58,7 @@ struct expert_choice {
 
     impl(const options& o, const router_layout& layout, rng& gen)
         : opt_(checked(o, layout)), layout_(layout), gate_(layout.routed, layout.dim, gen) {
-      threshold_.resize({layout.routed});
-      threshold_.fill(static_cast<T>(o.initial_threshold));
+      threshold_.reset(layout.routed, o.initial_threshold);
     }
 
     const options& opts() const { return opt_; }
@@ -83,20 +82,17 @@ struct expert_choice {
             select_top(c.host_scores, c.items, capacity, c.selected);
           }
       } else if (in.training) {
-        auto& tau = c.tau;
-        threshold_.to_host(tau);
+        threshold_.read();
         const index_t capacity = capacity_of(n);
         for (index_t x = 0; x < e; ++x) {
           c.items.clear();
           for (index_t t = 0; t < n; ++t) c.items.push_back(t * e + x);
           const T kth = select_top(c.host_scores, c.items, capacity, c.selected);
-          if (capacity > 0)
-            tau[x] = static_cast<T>(opt_.threshold_momentum * tau[x] + (1 - opt_.threshold_momentum) * kth);
+          if (capacity > 0) threshold_.update(x, opt_.threshold_momentum, kth);
         }
-        traits::copy_from_host(tau.data(), e, threshold_.data());
+        threshold_.store();
       } else {
-        threshold_.to_host(c.tau);
-        const auto& tau = c.tau;
+        const auto& tau = threshold_.read();
         for (index_t i = 0; i < n * e; ++i) c.selected[i] = c.host_scores[i] >= tau[i % e] ? 1 : 0;
       }
       plan_from_mask(c.selected, c.host_scores, n, e, layout_.experts(), plan);
@@ -147,7 +143,7 @@ struct expert_choice {
     options opt_;
     router_layout layout_;
     linear_gate<T, B> gate_;
-    tensor<T, B> threshold_;  // [E] inference thresholds (batch-level choice)
+    running_thresholds<T, B> threshold_;  // [E] inference thresholds (batch-level choice)
   };
 };
 

@@ -26,6 +26,7 @@
 #include "../routing/dispatch_plan.hpp"
 #include "../routing/loss_input.hpp"
 #include "concept.hpp"
+#include "running_thresholds.hpp"
 #include "selection.hpp"
 
 namespace promoe::router {
@@ -78,8 +79,7 @@ struct expert_race {
       init::xavier_uniform<B>(w2_.data(), e, d, gen);
       b1_.fill(T(0));
       b2_.fill(T(0));
-      threshold_.resize({1});
-      threshold_.fill(static_cast<T>(o.initial_threshold));
+      threshold_.reset(1, o.initial_threshold);
     }
 
     const options& opts() const { return opt_; }
@@ -95,15 +95,14 @@ struct expert_race {
       ops::gemm<B, T>(c.a.cmatrix(), transpose::no, w2_.cmatrix(), transpose::yes, c.logits.matrix(), T(1), T(1));
       c.logits.to_host(c.host_logits);
       c.selected.assign(static_cast<std::size_t>(n * e), 0);
-      T tau;
-      traits::copy_to_host(threshold_.data(), 1, &tau);
+      const T tau = threshold_.read()[0];
       if (in.training) {
         c.items.resize(static_cast<std::size_t>(n * e));
         for (index_t i = 0; i < n * e; ++i) c.items[i] = i;
         const T kth = select_top(c.host_logits, c.items, opt_.k * n, c.selected);
         if (n > 0) {
-          tau = static_cast<T>(opt_.threshold_momentum * tau + (1 - opt_.threshold_momentum) * kth);
-          traits::copy_from_host(&tau, 1, threshold_.data());
+          threshold_.update(0, opt_.threshold_momentum, kth);
+          threshold_.store();
         }
       } else {
         for (index_t i = 0; i < n * e; ++i) c.selected[i] = c.host_logits[i] >= tau ? 1 : 0;
@@ -168,7 +167,7 @@ struct expert_race {
     router_layout layout_;
     tensor<T, B> w1_, b1_, w2_, b2_;      // [D, D], [D], [E, D], [E]
     tensor<T, B> gw1_, gb1_, gw2_, gb2_;
-    tensor<T, B> threshold_;              // [1]
+    running_thresholds<T, B> threshold_;  // [1]
   };
 };
 

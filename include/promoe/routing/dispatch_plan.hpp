@@ -114,6 +114,17 @@ struct combine_functor {
   bool accumulate;
   PROMOE_HOST_DEVICE void operator()(index_t t) const {
     T* out = y + t * ldy;
+    if constexpr (is_storage_half_v<T>) {
+      // bf16: each element's slots summed in float and rounded once
+      const index_t* rows = slot_row + t * slots;
+      for (index_t j = 0; j < d; ++j) {
+        compute_t<T> acc = accumulate ? compute_t<T>(out[j]) : compute_t<T>(0);
+        for (index_t s = 0; s < slots; ++s)
+          if (rows[s] >= 0) acc += compute_t<T>(slot_gate ? slot_gate[t * slots + s] : T(1)) * yp[rows[s] * d + j];
+        out[j] = T(acc);
+      }
+      return;
+    }
     if (!accumulate)
       for (index_t j = 0; j < d; ++j) out[j] = T(0);
     for (index_t s = 0; s < slots; ++s) {
