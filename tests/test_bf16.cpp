@@ -415,6 +415,44 @@ std::pair<std::vector<bf16>, std::vector<float>> sample_both(float value, Sample
 }
 }  // namespace
 
+/// out = -x / 2 elementwise, evaluated in float on the model's (bf16) input.
+template <class T>
+struct half_negative_functor {
+  const T* x;
+  T* out;
+  PROMOE_HOST_DEVICE void operator()(index_t i) const { out[i] = T(-0.5f * static_cast<float>(x[i])); }
+};
+template <class T, class B>
+struct half_negative_model {
+  void operator()(const tensor<T, B>& x, const std::vector<compute_t<T>>&, std::span<const std::int64_t>,
+                  tensor<T, B>& out) const {
+    out.resize(x.shape());
+    backend_traits<B>::parallel_for(x.size(), half_negative_functor<T>{x.data(), out.data()});
+  }
+};
+
+TEMPLATE_LIST_TEST_CASE("bf16 Euler sampling: the model sees the float32 state rounded before every call",
+                        "[bf16][sampler]", test_backends) {
+  using B = TestType;
+  const index_t steps = 40;
+  const std::vector<std::int64_t> y(2, 0);
+  tensor<bf16, B> x({2, 1, 4, 4});
+  dit::euler_flow(half_negative_model<bf16, B>{}, x, y, {.steps = steps, .seed = 8});
+  const auto got = x.to_host();
+  // the same loop on the host: float32 state, bf16 model input and output
+  std::size_t differ = 0;
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    float state = static_cast<float>(rng::normal(8, dit::streams::sampler_initial_noise(), i));
+    for (index_t k = 0; k < steps; ++k) {
+      const double dt = static_cast<double>(steps - k - 1) / steps - static_cast<double>(steps - k) / steps;
+      const bf16 v(-0.5f * static_cast<float>(bf16(state)));
+      state = static_cast<float>(static_cast<double>(state) + dt * static_cast<double>(v));
+    }
+    differ += got[i].bits != bf16(state).bits;
+  }
+  CHECK(differ == 0);
+}
+
 TEMPLATE_LIST_TEST_CASE("bf16 samplers keep a float32 state: x is the float32 run's x rounded once",
                         "[bf16][sampler]", test_backends) {
   using B = TestType;
@@ -516,6 +554,41 @@ TEMPLATE_LIST_TEST_CASE("bf16 label embedding: a label's gradient is its samples
       // half a bf16 step of the sum (2^-9 relative), plus float32 summation error
       worst_steps = std::max(worst_steps, std::abs(grad[label * dim + j] - want) /
                                               (std::ldexp(std::abs(want), -8) + 1e-5));
+    }
+  CHECK(worst_steps <= 1.0);
+}
+
+TEMPLATE_LIST_TEST_CASE("bf16 combine: a token's slots summed in float and rounded once", "[bf16][routing]",
+                        test_backends) {
+  using B = TestType;
+  const index_t n = 200, slots = 4, experts = 5, d = 16;
+  dispatch_plan<bf16, B> plan;
+  plan.reset(n, slots, experts);
+  std::vector<std::int32_t> slot_expert(static_cast<std::size_t>(n * slots));
+  for (index_t i = 0; i < n * slots; ++i) slot_expert[i] = static_cast<std::int32_t>((i * 7 + i / slots) % experts);
+  const auto gates = bf16_values<bf16>(static_cast<std::size_t>(n * slots), 93);
+  backend_traits<B>::copy_from_host(slot_expert.data(), n * slots, plan.slot_expert.data());
+  backend_traits<B>::copy_from_host(gates.data(), n * slots, plan.slot_gate.data());
+  plan.group();
+  const index_t rows = plan.rows();
+  const auto yp_host = bf16_values<bf16>(static_cast<std::size_t>(rows * d), 94);
+  const auto yp = tensor<bf16, B>::from_host(yp_host, {rows, d});
+  tensor<bf16, B> y({n, d});
+  routing::combine<B>(plan, yp.cmatrix(), y.matrix(), false);
+  const auto got = y.to_host();
+  const auto slot_row = plan.slot_row.to_host();
+  double worst_steps = 0;
+  for (index_t t = 0; t < n; ++t)
+    for (index_t j = 0; j < d; ++j) {
+      double want = 0, mag = 0;
+      for (index_t s = 0; s < slots; ++s) {
+        const index_t r = slot_row[t * slots + s];
+        const double term = static_cast<double>(gates[t * slots + s]) * static_cast<double>(yp_host[r * d + j]);
+        want += term;
+        mag += std::abs(term);
+      }
+      worst_steps = std::max(worst_steps, std::abs(static_cast<double>(got[t * d + j]) - want) /
+                                              (std::ldexp(std::abs(want), -8) + 1e-6 * mag));
     }
   CHECK(worst_steps <= 1.0);
 }

@@ -8,7 +8,9 @@
 
 #include <cublas_v2.h>
 
+#include <algorithm>
 #include <cstddef>
+#include <cstdint>
 #include <span>
 #include <type_traits>
 #include <vector>
@@ -150,19 +152,34 @@ inline void** grouped_gemm_pointer_array(std::size_t count) {
 /// Every problem of a grouped GEMM (row-major, as ops::gemm_grouped): one
 /// cublasGemmGroupedBatchedEx call with one group per problem (the experts' row counts
 /// differ). Sizes, transposes and scales are host arrays; the A, B and C pointer arrays go to
-/// the device by write_device_pointers. float64 GEMMs, float GEMMs under matmul_precision::bf16,
-/// problems with k = 0, and anything this cuBLAS does not group run as plain GEMMs instead.
+/// the device by write_device_pointers. Run as plain GEMMs instead: float64, float under
+/// matmul_precision::bf16, cuBLAS before 12.5; and problems the grouped call cannot take (k = 0,
+/// or a pointer or leading dimension off 16-byte alignment: cuBLAS cannot see the pointers in
+/// device memory to pick a kernel for them, as cublasGemmEx does).
 template <class T>
 void cublas_gemm_grouped(std::span<const gemm_problem<T>> problems) {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double> || std::is_same_v<T, bf16>,
                 "cublas_gemm_grouped: float, double or bf16");
-  // plain GEMMs for the problems with k > 0 (or all of them when `all`)
-  const auto one_by_one = [&](bool all = true) {
-    for (const gemm_problem<T>& p : problems)
-      if (all || p.k > 0)
-        cublas_gemm_strided_batched(p.ta, p.tb, p.m, p.n, p.k, p.alpha, p.a, p.lda, 0, p.b, p.ldb, 0, p.beta,
-                                    p.c, p.ldc, 0, 1);
+  const auto plain = [](const gemm_problem<T>& p) {
+    cublas_gemm_strided_batched(p.ta, p.tb, p.m, p.n, p.k, p.alpha, p.a, p.lda, 0, p.b, p.ldb, 0, p.beta, p.c, p.ldc,
+                                0, 1);
   };
+  constexpr std::size_t align = 16;
+  const auto aligned = [](const void* ptr, index_t ld) {
+    return reinterpret_cast<std::uintptr_t>(ptr) % align == 0 &&
+           (static_cast<std::size_t>(ld) * sizeof(T)) % align == 0;
+  };
+  // empty problems do nothing; the grouped call takes the rest unless in_group says no
+  const auto in_group = [&](const gemm_problem<T>& p) {
+    return p.k > 0 && aligned(p.a, p.lda) && aligned(p.b, p.ldb) && aligned(p.c, p.ldc);
+  };
+  const auto one_by_one = [&] {
+    for (const gemm_problem<T>& p : problems) plain(p);
+  };
+#if CUBLAS_VERSION < 120500
+  (void)in_group;
+  one_by_one();  // cublasGemmGroupedBatchedEx arrived in cuBLAS 12.5
+#else
   if constexpr (std::is_same_v<T, double>) {
     return one_by_one();  // float64 (tests, references): no grouped path needed
   } else if constexpr (std::is_same_v<T, float>) {
@@ -186,9 +203,8 @@ void cublas_gemm_grouped(std::span<const gemm_problem<T>> problems) {
   std::size_t groups = 0;
   for (const gemm_problem<T>& p : problems) {
     if (p.m == 0 || p.n == 0) continue;
-    if (p.k == 0) {  // C = beta C: the plain GEMM's documented case, kept out of the group
-      cublas_gemm_strided_batched(p.ta, p.tb, p.m, p.n, p.k, p.alpha, p.a, p.lda, 0, p.b, p.ldb, 0, p.beta, p.c,
-                                  p.ldc, 0, 1);
+    if (!in_group(p)) {
+      plain(p);
       continue;
     }
     PROMOE_CHECK(p.m < (index_t{1} << 31) && p.n < (index_t{1} << 31) && p.k < (index_t{1} << 31) &&
@@ -212,7 +228,7 @@ void cublas_gemm_grouped(std::span<const gemm_problem<T>> problems) {
   h.pointers.resize(3 * groups);
   std::size_t g = 0;
   for (const gemm_problem<T>& p : problems) {
-    if (p.m == 0 || p.n == 0 || p.k == 0) continue;
+    if (p.m == 0 || p.n == 0 || !in_group(p)) continue;
     h.pointers[g] = const_cast<T*>(p.b);
     h.pointers[groups + g] = const_cast<T*>(p.a);
     h.pointers[2 * groups + g] = p.c;
@@ -222,6 +238,9 @@ void cublas_gemm_grouped(std::span<const gemm_problem<T>> problems) {
   cudaStream_t stream = nullptr;
   cublas_check(cublasGetStream(handle, &stream), "cublasGetStream", 0, 0, 0);
   void** device_pointers = grouped_gemm_pointer_array(h.pointers.size());
+  // clear a stale non-error status (cudaEventQuery's "not ready") so the check below sees
+  // only these launches; our own calls check their results where they are made
+  (void)cudaGetLastError();
   for (std::size_t first = 0; first < h.pointers.size(); first += device_pointer_batch::capacity) {
     device_pointer_batch batch{};
     batch.count = static_cast<int>(std::min<std::size_t>(device_pointer_batch::capacity, h.pointers.size() - first));
@@ -229,8 +248,8 @@ void cublas_gemm_grouped(std::span<const gemm_problem<T>> problems) {
     write_device_pointers<<<1, device_pointer_batch::capacity, 0, stream>>>(batch, device_pointers + first);
   }
   const cudaError_t launched = cudaGetLastError();
-  PROMOE_CHECK(launched == cudaSuccess, "cuBLAS grouped GEMM: writing the pointer arrays failed: ",
-               cudaGetErrorName(launched));
+  PROMOE_CHECK(launched == cudaSuccess, "cuBLAS grouped GEMM: launching the kernel that writes the pointer arrays "
+               "failed: ", cudaGetErrorName(launched));
   // float32, or bf16 tensors; float32 accumulation either way
   const cudaDataType_t type = std::is_same_v<T, bf16> ? CUDA_R_16BF : CUDA_R_32F;
   const cublasComputeType_t compute = CUBLAS_COMPUTE_32F;
@@ -239,8 +258,13 @@ void cublas_gemm_grouped(std::span<const gemm_problem<T>> problems) {
       handle, h.opa.data(), h.opb.data(), h.m.data(), h.n.data(), h.k.data(), h.alpha.data(), device_pointers, type,
       h.lda.data(), device_pointers + groups, type, h.ldb.data(), h.beta.data(),
       device_pointers + 2 * groups, type, h.ldc.data(), count, h.size.data(), compute);
-  if (st == CUBLAS_STATUS_NOT_SUPPORTED) return one_by_one(false);  // the k = 0 ones ran above
+  if (st == CUBLAS_STATUS_NOT_SUPPORTED) {  // the others ran above
+    for (const gemm_problem<T>& p : problems)
+      if (p.m > 0 && p.n > 0 && in_group(p)) plain(p);
+    return;
+  }
   cublas_check(st, "cublasGemmGroupedBatchedEx", h.n.front(), h.m.front(), h.k.front());
+#endif
 }
 
 /// C[m, n] = alpha * op(A) * op(B) + beta * C, all row-major with leading dimensions.

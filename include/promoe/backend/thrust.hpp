@@ -14,6 +14,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <span>
 #include <vector>
 
@@ -149,13 +150,14 @@ class upload_ring {
     }
     const std::size_t size = (bytes + alignment - 1) / alignment * alignment;
     if (head_ + size > capacity) head_ = 0;
-    // wait for (and retire) every earlier copy out of the region about to be written
+    // retire the copies that have finished (oldest first), which keeps the list short
+    while (!in_flight_.empty() && cudaEventQuery(in_flight_.front().done) == cudaSuccess) retire(0);
+    // then wait for any earlier copy still reading the region about to be written
     for (std::size_t i = 0; i < in_flight_.size();) {
-      copy& c = in_flight_[i];
+      const copy& c = in_flight_[i];
       if (c.begin < head_ + size && head_ < c.end) {
         check(cudaEventSynchronize(c.done), "cudaEventSynchronize");
-        free_events_.push_back(c.done);
-        in_flight_.erase(in_flight_.begin() + static_cast<std::ptrdiff_t>(i));
+        retire(i);
       } else {
         ++i;
       }
@@ -200,6 +202,10 @@ class upload_ring {
     cudaEvent_t done;
   };
 
+  void retire(std::size_t i) {
+    free_events_.push_back(in_flight_[i].done);
+    in_flight_.erase(in_flight_.begin() + static_cast<std::ptrdiff_t>(i));
+  }
   bool ensure_staging() {
     if (!staging_ && !failed_) failed_ = cudaMallocHost(reinterpret_cast<void**>(&staging_), capacity) != cudaSuccess;
     if (failed_) (void)cudaGetLastError();  // no pinned memory: plain copies, and a clean error state
@@ -213,7 +219,7 @@ class upload_ring {
   char* staging_ = nullptr;
   bool failed_ = false;
   std::size_t head_ = 0;
-  std::vector<copy> in_flight_;
+  std::deque<copy> in_flight_;  // in the order issued
   std::vector<cudaEvent_t> free_events_;
 };
 #endif

@@ -100,13 +100,13 @@ struct mlp {
       });
       traits::parallel_for(rows, with_expert_bias<act::bias_apply_rows_functor<Act, T>>{
                                      {h.data, h.ld, b1_.data(), a.data, a.ld, hidden_}, g.offsets, count_, hidden_});
+      // the output bias first, then the product added to it: one rounding in bf16, as forward()
+      traits::parallel_for(rows, with_expert_bias<ops::detail::broadcast_row_functor<T>>{
+                                     {y.data, dim_, y.ld, b2_.data(), false}, g.offsets, count_, dim_});
       gemm_per_expert<B, T>(g, [&](index_t e, index_t first, index_t m, auto push) {
-        push({transpose::no, transpose::yes, m, dim_, hidden_, T(1), a.row(first), a.ld, w2(e), hidden_, T(0),
+        push({transpose::no, transpose::yes, m, dim_, hidden_, T(1), a.row(first), a.ld, w2(e), hidden_, T(1),
               y.row(first), y.ld});
       });
-      // BLAS adds beta * C after the product, so adding the bias now rounds as forward() does
-      traits::parallel_for(rows, with_expert_bias<ops::detail::broadcast_row_functor<T>>{
-                                     {y.data, dim_, y.ld, b2_.data(), true}, g.offsets, count_, dim_});
     }
 
     /// backward() for every expert at once (rows as `g` says): parameter gradients
@@ -121,7 +121,8 @@ struct mlp {
       gemm_per_expert<B, T>(g, [&](index_t e, index_t first, index_t m, auto push) {
         push({transpose::yes, transpose::no, dim_, hidden_, m, T(1), dy.row(first), dy.ld, a.row(first), a.ld, T(1),
               gw2(e), hidden_});
-        push({transpose::no, transpose::no, 1, dim_, m, T(1), ones, m, dy.row(first), dy.ld, T(1), gb2(e), dim_});
+        push({transpose::no, transpose::no, 1, dim_, m, T(1), ones, ones_ld(m), dy.row(first), dy.ld, T(1), gb2(e),
+              dim_});
         push({transpose::no, transpose::no, m, hidden_, dim_, T(1), dy.row(first), dy.ld, w2(e), hidden_, T(0),
               dh.row(first), dh.ld});
       });
@@ -130,7 +131,7 @@ struct mlp {
       gemm_per_expert<B, T>(g, [&](index_t e, index_t first, index_t m, auto push) {
         push({transpose::yes, transpose::no, hidden_, dim_, m, T(1), dh.row(first), dh.ld, x.row(first), x.ld, T(1),
               gw1(e), dim_});
-        push({transpose::no, transpose::no, 1, hidden_, m, T(1), ones, m, dh.row(first), dh.ld, T(1), gb1(e),
+        push({transpose::no, transpose::no, 1, hidden_, m, T(1), ones, ones_ld(m), dh.row(first), dh.ld, T(1), gb1(e),
               hidden_});
         push({transpose::no, transpose::no, m, dim_, hidden_, T(1), dh.row(first), dh.ld, w1(e), dim_, T(0),
               dx.row(first), dx.ld});
@@ -147,6 +148,10 @@ struct mlp {
     }
 
    private:
+    /// Leading dimension of the ones row [1, m] in a grouped bias gradient: any value >= m
+    /// reads the same, and a multiple of 8 keeps the problem in cuBLAS's grouped call.
+    static index_t ones_ld(index_t m) { return (m + 7) / 8 * 8; }
+
     auto w1(index_t e) const { return promoe::slice(w1_, e); }
     auto b1(index_t e) const { return promoe::slice(b1_, e); }
     auto w2(index_t e) const { return promoe::slice(w2_, e); }
