@@ -13,8 +13,8 @@ namespace promoe::detail {
 
 /// Stable counting sort: order lists the indices i with 0 <= keys[i] < num_keys grouped by
 /// key (ascending), in index order within a key; offsets[num_keys + 1] delimit the groups.
-inline void host_group_by_key(const std::int32_t* keys, index_t n, index_t num_keys, index_t* order,
-                              index_t* offsets) {
+template <class Key>  // std::int32_t (expert ids), std::int64_t (class labels)
+void host_group_by_key(const Key* keys, index_t n, index_t num_keys, index_t* order, index_t* offsets) {
   const auto valid = [&](index_t i) { return keys[i] >= 0 && keys[i] < num_keys; };
   std::fill(offsets, offsets + num_keys + 1, index_t{0});
   for (index_t i = 0; i < n; ++i)

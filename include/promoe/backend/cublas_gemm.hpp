@@ -49,6 +49,15 @@ inline void cublas_check(cublasStatus_t st, const char* what, index_t m, index_t
          cublasGetStatusString(st));
 }
 
+/// A leading dimension as cuBLAS's int: at least 1, as cuBLAS wants even for an empty operand
+/// (k = 0). Sizes go over as they are: k = 0 is valid and means C = beta C.
+inline int cublas_ld(index_t ld) { return static_cast<int>(ld > 0 ? ld : 1); }
+/// Whether every size fits cuBLAS's 32-bit int.
+template <class... V>
+bool fit_cublas_int(V... v) {
+  return ((v < (index_t{1} << 31)) && ...);
+}
+
 /// For i in [0, batch): C_i[m, n] = alpha * op(A_i) * op(B_i) + beta * C_i, all row-major with
 /// leading dimensions, X_i = x + i * stride_x (one strided-batched call; batch 1 is a plain
 /// GEMM). cuBLAS is column-major: a row-major C is a column-major C^T = op(B)^T op(A)^T, so
@@ -63,22 +72,21 @@ void cublas_gemm_strided_batched(transpose ta, transpose tb, index_t m, index_t 
   if (m == 0 || n == 0 || batch == 0) return;
   const cublasOperation_t opa = ta == transpose::yes ? CUBLAS_OP_T : CUBLAS_OP_N;
   const cublasOperation_t opb = tb == transpose::yes ? CUBLAS_OP_T : CUBLAS_OP_N;
-  // cuBLAS wants every leading dimension >= 1 even when an operand is empty (k = 0)
-  const auto i32 = [](index_t v) { return static_cast<int>(v > 0 ? v : 1); };
-  PROMOE_CHECK(m < (index_t{1} << 31) && n < (index_t{1} << 31) && k < (index_t{1} << 31) && lda < (index_t{1} << 31) &&
-                   ldb < (index_t{1} << 31) && ldc < (index_t{1} << 31) && batch < (index_t{1} << 31),
-               "cuBLAS: GEMM dimensions beyond 32-bit (m ", m, ", n ", n, ", k ", k, ", batch ", batch, ")");
+  PROMOE_CHECK(fit_cublas_int(m, n, k, lda, ldb, ldc, batch), "cuBLAS: GEMM dimensions beyond 32-bit (m ", m, ", n ",
+               n, ", k ", k, ", batch ", batch, ")");
+  const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
   cublasHandle_t h = cublas_handle();
   const auto sa = static_cast<long long>(stride_a), sb = static_cast<long long>(stride_b),
              sc = static_cast<long long>(stride_c);
   // cuBLAS's S or D GEMM, plain or strided-batched.
   const auto run_gemm = [&](auto plain, auto batched, const char* plain_name, const char* batched_name) {
     if (batch == 1) {
-      cublas_check(plain(h, opb, opa, i32(n), i32(m), i32(k), &alpha, b, i32(ldb), a, i32(lda), &beta, c, i32(ldc)),
+      cublas_check(plain(h, opb, opa, ni, mi, ki, &alpha, b, cublas_ld(ldb), a, cublas_ld(lda), &beta, c,
+                         cublas_ld(ldc)),
                    plain_name, m, n, k);
     } else {
-      cublas_check(batched(h, opb, opa, i32(n), i32(m), i32(k), &alpha, b, i32(ldb), sb, a, i32(lda), sa, &beta, c,
-                           i32(ldc), sc, i32(batch)),
+      cublas_check(batched(h, opb, opa, ni, mi, ki, &alpha, b, cublas_ld(ldb), sb, a, cublas_ld(lda), sa, &beta, c,
+                           cublas_ld(ldc), sc, static_cast<int>(batch)),
                    batched_name, m, n, k);
     }
   };
@@ -87,13 +95,13 @@ void cublas_gemm_strided_batched(transpose ta, transpose tb, index_t m, index_t 
   const auto run_gemm_ex = [&](cudaDataType_t type, cublasComputeType_t compute, const char* name) {
     const float alpha_f = static_cast<float>(alpha), beta_f = static_cast<float>(beta);
     if (batch == 1) {
-      cublas_check(cublasGemmEx(h, opb, opa, i32(n), i32(m), i32(k), &alpha_f, b, type, i32(ldb), a, type, i32(lda),
-                                &beta_f, c, type, i32(ldc), compute, CUBLAS_GEMM_DEFAULT),
+      cublas_check(cublasGemmEx(h, opb, opa, ni, mi, ki, &alpha_f, b, type, cublas_ld(ldb), a, type, cublas_ld(lda),
+                                &beta_f, c, type, cublas_ld(ldc), compute, CUBLAS_GEMM_DEFAULT),
                    name, m, n, k);
     } else {
-      cublas_check(cublasGemmStridedBatchedEx(h, opb, opa, i32(n), i32(m), i32(k), &alpha_f, b, type, i32(ldb), sb, a,
-                                              type, i32(lda), sa, &beta_f, c, type, i32(ldc), sc, i32(batch), compute,
-                                              CUBLAS_GEMM_DEFAULT),
+      cublas_check(cublasGemmStridedBatchedEx(h, opb, opa, ni, mi, ki, &alpha_f, b, type, cublas_ld(ldb), sb, a,
+                                              type, cublas_ld(lda), sa, &beta_f, c, type, cublas_ld(ldc), sc,
+                                              static_cast<int>(batch), compute, CUBLAS_GEMM_DEFAULT),
                    name, m, n, k);
     }
   };
@@ -191,6 +199,7 @@ void cublas_gemm_grouped(std::span<const gemm_problem<T>> problems) {
     std::vector<int> m, n, k, lda, ldb, ldc, size;
     std::vector<scale> alpha, beta;
     std::vector<void*> pointers;  // B of every group, then A, then C (cuBLAS's A, B, C)
+    std::vector<const gemm_problem<T>*> grouped;  // the problems of the grouped call
   };
   thread_local host_arrays h;  // reused: no allocation once grown
   for (auto* v : {&h.m, &h.n, &h.k, &h.lda, &h.ldb, &h.ldc, &h.size}) v->clear();
@@ -199,40 +208,36 @@ void cublas_gemm_grouped(std::span<const gemm_problem<T>> problems) {
   h.alpha.clear();
   h.beta.clear();
   h.pointers.clear();
-  const auto i32 = [](index_t v) { return static_cast<int>(v > 0 ? v : 1); };
-  std::size_t groups = 0;
+  h.grouped.clear();
   for (const gemm_problem<T>& p : problems) {
     if (p.m == 0 || p.n == 0) continue;
     if (!in_group(p)) {
       plain(p);
       continue;
     }
-    PROMOE_CHECK(p.m < (index_t{1} << 31) && p.n < (index_t{1} << 31) && p.k < (index_t{1} << 31) &&
-                     p.lda < (index_t{1} << 31) && p.ldb < (index_t{1} << 31) && p.ldc < (index_t{1} << 31),
-                 "cuBLAS: grouped GEMM dimensions beyond 32-bit (m ", p.m, ", n ", p.n, ", k ", p.k, ")");
+    PROMOE_CHECK(fit_cublas_int(p.m, p.n, p.k, p.lda, p.ldb, p.ldc), "cuBLAS: grouped GEMM dimensions beyond 32-bit (m ",
+                 p.m, ", n ", p.n, ", k ", p.k, ")");
+    h.grouped.push_back(&p);
     // row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: operands swap
     h.opa.push_back(p.tb == transpose::yes ? CUBLAS_OP_T : CUBLAS_OP_N);
     h.opb.push_back(p.ta == transpose::yes ? CUBLAS_OP_T : CUBLAS_OP_N);
-    h.m.push_back(i32(p.n));
-    h.n.push_back(i32(p.m));
+    h.m.push_back(static_cast<int>(p.n));
+    h.n.push_back(static_cast<int>(p.m));
     h.k.push_back(static_cast<int>(p.k));
-    h.lda.push_back(i32(p.ldb));
-    h.ldb.push_back(i32(p.lda));
-    h.ldc.push_back(i32(p.ldc));
+    h.lda.push_back(cublas_ld(p.ldb));
+    h.ldb.push_back(cublas_ld(p.lda));
+    h.ldc.push_back(cublas_ld(p.ldc));
     h.size.push_back(1);
     h.alpha.push_back(static_cast<scale>(p.alpha));
     h.beta.push_back(static_cast<scale>(p.beta));
-    ++groups;
   }
+  const std::size_t groups = h.grouped.size();
   if (groups == 0) return;
   h.pointers.resize(3 * groups);
-  std::size_t g = 0;
-  for (const gemm_problem<T>& p : problems) {
-    if (p.m == 0 || p.n == 0 || !in_group(p)) continue;
-    h.pointers[g] = const_cast<T*>(p.b);
-    h.pointers[groups + g] = const_cast<T*>(p.a);
-    h.pointers[2 * groups + g] = p.c;
-    ++g;
+  for (std::size_t g = 0; g < groups; ++g) {
+    h.pointers[g] = const_cast<T*>(h.grouped[g]->b);
+    h.pointers[groups + g] = const_cast<T*>(h.grouped[g]->a);
+    h.pointers[2 * groups + g] = h.grouped[g]->c;
   }
   cublasHandle_t handle = cublas_handle();
   cudaStream_t stream = nullptr;
@@ -259,8 +264,7 @@ void cublas_gemm_grouped(std::span<const gemm_problem<T>> problems) {
       h.lda.data(), device_pointers + groups, type, h.ldb.data(), h.beta.data(),
       device_pointers + 2 * groups, type, h.ldc.data(), count, h.size.data(), compute);
   if (st == CUBLAS_STATUS_NOT_SUPPORTED) {  // the others ran above
-    for (const gemm_problem<T>& p : problems)
-      if (p.m > 0 && p.n > 0 && in_group(p)) plain(p);
+    for (const gemm_problem<T>* p : h.grouped) plain(*p);
     return;
   }
   cublas_check(st, "cublasGemmGroupedBatchedEx", h.n.front(), h.m.front(), h.k.front());

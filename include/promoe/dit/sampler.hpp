@@ -134,15 +134,18 @@ struct eps_step_functor {
 
 /// The running x of a sampler: x itself, or for bf16 models a float32 copy that is rounded into
 /// x for each model call. (In bf16 a step's update, dt v with dt = 1/250, is below half a
-/// bf16 step of x and would be rounded away.)
+/// bf16 step of x and would be rounded away.) It starts at x_T = ε from
+/// streams::sampler_initial_noise().
 template <class T, class B>
 class sampler_state {
  public:
   using value_type = compute_t<T>;
   static constexpr bool separate = !std::is_same_v<value_type, T>;
 
-  explicit sampler_state(tensor<T, B>& x) : x_(x) {
+  sampler_state(tensor<T, B>& x, std::uint64_t seed) : x_(x) {
     if constexpr (separate) state_.resize(x.shape());
+    backend_traits<B>::parallel_for(size(),
+                                    normal_fill_functor<value_type>{data(), seed, streams::sampler_initial_noise()});
   }
   value_type* data() {
     if constexpr (separate)
@@ -193,9 +196,8 @@ void eps_sampling_loop(const char* who, Model& model, tensor<T, B>& x, std::span
   const index_t n = x.dim(0);
   tensor<T, B> out;
   std::vector<compute_t<T>> t(static_cast<std::size_t>(n));
-  sampler_state<T, B> state(x);
+  sampler_state<T, B> state(x, seed);
   using S = typename sampler_state<T, B>::value_type;
-  backend_traits<B>::parallel_for(state.size(), normal_fill_functor<S>{state.data(), seed, streams::sampler_initial_noise()});
   for (index_t j = 0; j < s.size(); ++j) {
     const index_t k = s.size() - 1 - j;
     std::fill(t.begin(), t.end(), static_cast<compute_t<T>>(s.timesteps[static_cast<std::size_t>(k)]));
@@ -222,10 +224,8 @@ void euler_flow(Model&& model, tensor<T, B>& x, std::span<const std::int64_t> y,
   const index_t n = x.dim(0);
   tensor<T, B> out;
   std::vector<compute_t<T>> t(static_cast<std::size_t>(n));
-  detail::sampler_state<T, B> state(x);
+  detail::sampler_state<T, B> state(x, o.seed);
   using S = typename detail::sampler_state<T, B>::value_type;
-  backend_traits<B>::parallel_for(state.size(),
-                                  detail::normal_fill_functor<S>{state.data(), o.seed, streams::sampler_initial_noise()});
   const double steps = static_cast<double>(o.steps);
   for (index_t k = 0; k < o.steps; ++k) {
     const double sigma = static_cast<double>(o.steps - k) / steps;

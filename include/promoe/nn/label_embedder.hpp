@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "../backend/counting_sort.hpp"
 #include "../backend/init.hpp"
 #include "../backend/tensor.hpp"
 #include "../core/bf16.hpp"
@@ -122,7 +123,7 @@ class label_embedder {
   struct cache {
     tensor<std::int64_t, B> labels;  ///< [n] the labels of the last forward (backend memory)
     tensor<index_t, B> order;        ///< [n] its samples sorted by label (stable)
-    std::vector<index_t> order_host, first_of_label;
+    std::vector<index_t> order_host, label_offsets;
     index_t rows = 0;                ///< n of the last forward
   };
 
@@ -152,13 +153,10 @@ class label_embedder {
     c.labels.resize({n});
     if (n == 0) return;
     backend_traits<B>::copy_from_host(labels.data(), n, c.labels.data());
-    // samples by label, stable: a counting sort (labels lie in [0, num_classes]; no allocation
-    // once the cache's vectors have their size, where std::stable_sort takes a buffer each call)
-    c.first_of_label.assign(static_cast<std::size_t>(classes_ + 2), 0);
-    for (const std::int64_t l : labels) ++c.first_of_label[static_cast<std::size_t>(l) + 1];
-    for (std::size_t l = 1; l < c.first_of_label.size(); ++l) c.first_of_label[l] += c.first_of_label[l - 1];
+    // samples by label, stable (a counting sort; labels lie in [0, num_classes])
     c.order_host.resize(static_cast<std::size_t>(n));
-    for (index_t s = 0; s < n; ++s) c.order_host[static_cast<std::size_t>(c.first_of_label[labels[s]]++)] = s;
+    c.label_offsets.resize(static_cast<std::size_t>(classes_ + 2));
+    promoe::detail::host_group_by_key(labels.data(), n, classes_ + 1, c.order_host.data(), c.label_offsets.data());
     c.order.resize({n});
     backend_traits<B>::copy_from_host(c.order_host.data(), n, c.order.data());
     backend_traits<B>::parallel_for(
