@@ -467,10 +467,10 @@ case_result dit_train_case(const app::run_config& r, int reps) {
     model.drop_labels(labels, rng{seed}, label_stream + step, dropped);
     flow.sample(x0, seed, step, batch);
     model.forward(batch.x_t.matrix(), batch.t, dropped, out.matrix(), cache);
-    flow.loss_and_grad(out, batch, dout);
+    flow.queue_loss_and_grad(out, batch, dout);  // as train_dit: no value read back in the step
     model.zero_grad();
     model.backward(dout.matrix(), cache);
-    optim::clip_grad_norm<TM, B>(params, r.clip, clip_workspace);
+    optim::queue_clip_grad_norm<TM, B>(params, r.clip, clip_workspace);
     adamw.step(r.lr);
   };
   const measurement m = measure(reps, train_step);

@@ -187,9 +187,24 @@ def errors(a):
         for q in problems:
             print(f"     {q}")
         failed += bool(problems)
+    # Gradients that turn NaN (a learning rate that overflows the weights after one step):
+    # clipping counts them on the device, the run stops at the next log line and the
+    # checkpoint on disk stays the last one written before them (step 1).
+    blowup = os.path.join(work, "blowup")
+    shutil.rmtree(blowup, ignore_errors=True)
+    p = run([a.train, *BASE, "--steps", "6", "--log-every", "1", "--checkpoint-every", "1", "--lr", "1e30",
+             "--warmup", "0", "--out", blowup], expect_ok=False)
+    message = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ""
+    saved = os.path.join(blowup, "checkpoint.safetensors")
+    step = read_safetensors_header(saved).get("__metadata__", {}).get("step") if os.path.exists(saved) else None
+    if p.returncode != 1 or "NaN/Inf gradients" not in message or step != "1":
+        print(f"FAIL NaN gradients: exit {p.returncode}, checkpoint step {step}: {message}")
+        failed += 1
+    else:
+        print(f"ok   NaN gradients: {message}")
     if failed:
-        sys.exit(f"{failed} of {len(cases)} cases failed")
-    print(f"all {len(cases)} bad inputs rejected with a clear message and nothing written over")
+        sys.exit(f"{failed} of {len(cases) + 1} cases failed")
+    print(f"all {len(cases) + 1} bad inputs rejected with a clear message and nothing written over")
 
 
 def read_safetensors_header(path):

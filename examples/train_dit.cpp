@@ -254,6 +254,7 @@ class trainer {
       PROMOE_CHECK(o_.overwrite || !fs::exists(checkpoint_path()), checkpoint_path(),
                    " exists: pass --resume to continue that run or --overwrite to start a new one over it");
     }
+    checked_steps_ = first;
     io::remove_stale_temp_files(checkpoint_path());
     std::printf("model: %s, %zu parameter tensors; training %lld steps of batch %lld on %lld %s\n", r_.mlp.c_str(),
                 model_.parameters().size(), static_cast<long long>(o_.steps), static_cast<long long>(r_.batch),
@@ -264,15 +265,22 @@ class trainer {
     const auto params = model_.parameters();
     for (index_t step = first; step < o_.steps; ++step) {
       timer.time(timer.data, [&] { load_batch(step); });
-      const double loss = timer.time(timer.step, [&] { return train_step(step, params); });
+      timer.time(timer.step, [&] { train_step(step, params); });
       if (bar.due(step))
         timer.time(timer.report, [&] {
-          const double aux = aux_loss(), images_per_s = bar.rate(step) * static_cast<double>(r_.batch);
+          // the first values read back from the device this step: the wait for it lands here
+          check_gradients(step);
+          const double loss = batch_.loss(), aux = aux_loss();
+          const double images_per_s = bar.rate(step) * static_cast<double>(r_.batch);
           bar.show(step, loss, aux_text(aux), static_cast<double>(r_.batch));
           log.add(step + 1, loss, aux, schedule_.lr_at(step), images_per_s);
         });
       const bool last = step + 1 == o_.steps;
-      if ((step + 1) % o_.checkpoint_every == 0 || last) timer.time(timer.checkpoint, [&] { save(step + 1); });
+      if ((step + 1) % o_.checkpoint_every == 0 || last)
+        timer.time(timer.checkpoint, [&] {
+          check_gradients(step);
+          save(step + 1);
+        });
       if ((step + 1) % o_.sample_every == 0 || last) timer.time(timer.pictures, [&] { write_pictures(step + 1); });
     }
     bar.finish();
@@ -297,23 +305,36 @@ class trainer {
   }
 
   /// One optimisation step on the loaded batch; everything random is a function of (seed, step).
-  double train_step(index_t step, const std::vector<named_parameter<T>>& params) {
+  /// Nothing in it reads a value back: the loss stays in batch_, the clipping record in
+  /// clip_workspace_, the auxiliary losses in cache_.
+  void train_step(index_t step, const std::vector<named_parameter<T>>& params) {
     const index_t n = r_.batch;
     model_.drop_labels(labels_, rng{r_.seed}, label_stream + step, dropped_);
     if (r_.objective == "flow") flow_.sample(x0_, r_.seed, step, batch_);
     else ddpm_.sample(x0_, r_.seed, step, batch_);
     out_.resize({n, d_.out_channels(), d_.input_size, d_.input_size});
     model_.forward(batch_.x_t.matrix(), batch_.t, dropped_, out_.matrix(), cache_);
-    const T loss = r_.objective == "flow" ? flow_.loss_and_grad(out_, batch_, dout_)
-                                          : ddpm_.loss_and_grad(out_, batch_, dout_);
+    if (r_.objective == "flow") flow_.queue_loss_and_grad(out_, batch_, dout_);
+    else ddpm_.queue_loss_and_grad(out_, batch_, dout_);
     model_.zero_grad();
     model_.backward(dout_.matrix(), cache_);
-    optim::clip_grad_norm<T, B>(params, r_.clip, clip_workspace_);
+    optim::queue_clip_grad_norm<T, B>(params, r_.clip, clip_workspace_);
     adamw_.step(schedule_.lr_at(step));
     // EMA with a warm-up (min(decay, (1 + step) / (10 + step))): a short run's EMA is not
     // dominated by the initial weights (DiT's zero-initialised output layer).
     ema_.update(std::min(r_.ema_decay, (1.0 + static_cast<double>(step)) / (10.0 + static_cast<double>(step))));
-    return static_cast<double>(loss);
+  }
+
+  /// Clipping counts NaN/Inf gradient norms on the device; they are read where the run reads
+  /// anyway (a log line, a checkpoint), so weights such gradients reached are never saved
+  /// over the last good checkpoint.
+  void check_gradients(index_t step) {
+    const auto record = clip_workspace_.read_record();
+    PROMOE_CHECK(record.non_finite_calls == 0, "training: ", record.non_finite_calls, " of the steps ",
+                 checked_steps_ + 1, " to ", step + 1,
+                 " had NaN/Inf gradients (the global gradient norm was not finite); stopping before the weights they reached"
+                 " are saved");
+    checked_steps_ = step + 1;
   }
 
   double aux_loss() const {
@@ -432,6 +453,7 @@ class trainer {
   tensor<T, B> x0_, out_, dout_;
   std::vector<std::int64_t> labels_, dropped_;
   optim::grad_norm_workspace<B> clip_workspace_;
+  index_t checked_steps_ = 0;  ///< steps whose gradients check_gradients has seen
   std::vector<T> pixels_;
 };
 

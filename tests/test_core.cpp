@@ -2,7 +2,7 @@
 /// \file test_core.cpp
 /// \brief Core pieces: promoe::error and PROMOE_CHECK, the Philox generator (known answers,
 /// determinism, moments), tensor basics and every backend primitive (gemm, group_by_key,
-/// parallel_for, fill, copy, sum, first_non_finite) against naive float64 loops.
+/// parallel_for, fill, copy, sum, sum_into, first_non_finite) against naive float64 loops.
 
 #include <algorithm>
 #include <bit>
@@ -18,6 +18,7 @@
 
 #include <catch2/catch.hpp>
 
+#include <promoe/backend/device_sum.hpp>
 #include <promoe/backend/ops.hpp>
 #include <promoe/backend/small_gemm.hpp>
 #include <promoe/backend/tensor.hpp>
@@ -907,6 +908,40 @@ TEMPLATE_LIST_TEST_CASE("sum accumulates in double", "[core][backend]", test_con
   v.back() = T(-1e8);
   auto t = to_device<B>(v, {1001});
   CHECK(traits::sum(t.data(), 1001) == T(999));
+}
+
+TEMPLATE_LIST_TEST_CASE("ops::sum_into: a scaled double sum left in device memory, chunked and deterministic",
+                        "[core][backend]", test_configs) {
+  using B = typename TestType::backend;
+  using T = typename TestType::scalar;
+  promoe::tensor<double, B> partial, out({2});
+  promoe::tensor<float, B> out_f({1});
+  // around the chunk size (1024) and several chunks
+  for (std::size_t n : {std::size_t{0}, std::size_t{1}, std::size_t{1023}, std::size_t{1024}, std::size_t{1025},
+                        std::size_t{5000}}) {
+    INFO("n = " << n);
+    const auto values = random_vector<T>(n, 19 + n, 3.0);
+    auto t = to_device<B>(values, {static_cast<index_t>(n)});
+    // reference: the chunks of 1024 in index order, then the chunks in order
+    double want = 0, mag = 0;
+    for (std::size_t first = 0; first < n; first += 1024) {
+      double chunk = 0;
+      for (std::size_t i = first; i < std::min(n, first + 1024); ++i) chunk += static_cast<double>(values[i]);
+      want += chunk;
+    }
+    for (T v : values) mag += std::abs(static_cast<double>(v));
+    out.fill(-1.0);
+    promoe::ops::sum_into<B>(t.data(), static_cast<index_t>(n), 0.25, out.data() + 1, partial);
+    const auto got = out.to_host();
+    CHECK(got[0] == -1.0);  // only its own element is written
+    CHECK(got[1] == 0.25 * want);
+    double naive = 0;
+    for (T v : values) naive += static_cast<double>(v);
+    CHECK(std::abs(got[1] - 0.25 * naive) <= 1e-14 * mag);
+    // into a float: the double sum rounded once
+    promoe::ops::sum_into<B>(t.data(), static_cast<index_t>(n), 0.25, out_f.data(), partial);
+    CHECK(out_f.to_host()[0] == static_cast<float>(0.25 * want));
+  }
 }
 
 TEMPLATE_LIST_TEST_CASE("first_non_finite finds the first NaN or Inf", "[core][backend]", test_configs) {

@@ -429,6 +429,16 @@ TEMPLATE_LIST_TEST_CASE("loss_and_grad: MSE over the first C channels, against a
           }
       ref /= count;
       CHECK(static_cast<double>(loss) == Approx(ref).epsilon(tol_for<T>()));
+      CHECK(batch.loss() == Approx(ref).epsilon(1e-12));  // the device copy: float64, not rounded to T
+      // queued: the same gradient, the loss left in the batch (it was overwritten meanwhile)
+      tensor<T, B> d_queued;
+      tensor<T, B> other(out.shape());
+      other.fill(T(0));
+      loss_of(other, d_queued);
+      if (flow) rf.queue_loss_and_grad(out, batch, d_queued);
+      else dd.queue_loss_and_grad(out, batch, d_queued);
+      CHECK(static_cast<T>(batch.loss()) == loss);
+      CHECK(d_queued.to_host() == d_out.to_host());
       const auto g = d_out.to_host();
       for (std::size_t i = 0; i < g.size(); ++i)
         CHECK(static_cast<double>(g[i]) == Approx(ref_grad[i]).epsilon(tol_for<T>()).margin(tol_for<T>() * 1e-2));

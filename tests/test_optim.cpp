@@ -2,7 +2,8 @@
 /// \file test_optim.cpp
 /// \brief Training utilities: optim::adamw against a float64 re-implementation of the PyTorch
 /// docs' algorithm and against numbers printed by torch.optim.AdamW, its state round trip,
-/// optim::ema and optim::clip_grad_norm against naive loops, optim::schedule values.
+/// optim::ema and optim::clip_grad_norm / queue_clip_grad_norm against naive loops,
+/// optim::schedule values.
 
 #include <cmath>
 #include <cstddef>
@@ -614,6 +615,55 @@ TEMPLATE_LIST_TEST_CASE("clip_grad_norm names NaN and Inf gradients", "[optim][c
                           Catch::Contains("index 1234"));
     CHECK(host_copy<T, B>(params[0].grad, params[0].size()) == qkv_before);
   }
+}
+
+TEMPLATE_LIST_TEST_CASE("queue_clip_grad_norm scales as clip_grad_norm does and counts non-finite norms",
+                        "[optim][clip]", test_configs) {
+  using B = typename TestType::backend;
+  using T = typename TestType::scalar;
+  toy_model<T, B> host_side(31), queued_side(31);
+  auto hp = host_side.named(), qp = queued_side.named();
+  const auto grads_of = [](const std::vector<named_parameter<T>>& params) {
+    std::vector<std::vector<T>> out;
+    for (const auto& p : params) out.push_back(p.grad ? host_copy<T, B>(p.grad, p.size()) : std::vector<T>{});
+    return out;
+  };
+  promoe::optim::grad_norm_workspace<B> w;
+  CHECK(w.read_record().last_norm == 0.0);  // nothing queued yet
+  std::uint64_t seed = 400;
+  for (double fraction : {2.0, 0.25, 1.0, 0.999}) {
+    INFO("max_norm = " << fraction << " * norm");
+    host_side.set_grads(seed, 0.3);
+    queued_side.set_grads(seed++, 0.3);
+    const double norm = promoe::optim::grad_norm<T, B>(hp);
+    const double n1 = promoe::optim::clip_grad_norm<T, B>(hp, fraction * norm);
+    promoe::optim::queue_clip_grad_norm<T, B>(qp, fraction * norm, w);
+    const auto record = w.read_record();
+    CHECK(record.last_norm == n1);  // the same chunks, summed in the same order
+    CHECK(record.non_finite_calls == 0);
+    CHECK(grads_of(qp) == grads_of(hp));  // bit for bit: scaled, or (2x) untouched
+  }
+  // A NaN: the gradients are left as they are and the call is counted, not thrown.
+  queued_side.set_grads(600, 100.0);
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  promoe::backend_traits<B>::copy_from_host(&nan, 1, find(qp, "blocks.0.mlp.fc1.bias")->grad + 5);
+  const auto first_before = host_copy<T, B>(qp[0].grad, qp[0].size());
+  promoe::optim::queue_clip_grad_norm<T, B>(qp, 1e-3, w);
+  auto record = w.read_record();
+  CHECK(!std::isfinite(record.last_norm));
+  CHECK(record.non_finite_calls == 1);
+  CHECK(host_copy<T, B>(qp[0].grad, qp[0].size()) == first_before);
+  // The count stays until the workspace is replaced; a later finite call updates the norm.
+  queued_side.set_grads(601, 0.3);
+  promoe::optim::queue_clip_grad_norm<T, B>(qp, 1e-3, w);
+  record = w.read_record();
+  CHECK(std::isfinite(record.last_norm));
+  CHECK(record.non_finite_calls == 1);
+  // No gradients at all: norm 0; bad max_norm throws before anything is queued.
+  promoe::optim::grad_norm_workspace<B> empty;
+  promoe::optim::queue_clip_grad_norm<T, B>(std::vector<named_parameter<T>>{}, 1.0, empty);
+  CHECK(empty.read_record().last_norm == 0.0);
+  CHECK_THROWS_AS((promoe::optim::queue_clip_grad_norm<T, B>(qp, 0.0, w)), promoe::error);
 }
 
 // ---------------------------------------------------------------------------

@@ -66,9 +66,11 @@ void check_same_step(Masked& masked, Gathered& gathered, index_t tokens, const s
   typename Gathered::cache cg;
   const auto ym = masked.forward(x, labels, cm).to_host(), yg = gathered.forward(x, labels, cg).to_host();
   CHECK(promoe_test::relative_error(ym, yg) <= 1e-13);
-  for (std::size_t i = 0; i < cm.loss_values.size(); ++i) {
-    CAPTURE(i);
-    CHECK(cm.loss_values[i] == Approx(cg.loss_values[i]).epsilon(1e-12).margin(1e-15));
+  const auto lm = masked.aux_losses(cm), lg = gathered.aux_losses(cg);
+  REQUIRE(lm.size() == lg.size());
+  for (std::size_t i = 0; i < lm.size(); ++i) {
+    CAPTURE(lm[i].first);
+    CHECK(lm[i].second == Approx(lg[i].second).epsilon(1e-12).margin(1e-15));
   }
   const auto dxm = masked.backward(dy, cm).to_host(), dxg = gathered.backward(dy, cg).to_host();
   CHECK(promoe_test::relative_error(dxm, dxg) <= 1e-12);
@@ -314,6 +316,39 @@ TEMPLATE_LIST_TEST_CASE("conditional routing: masking every token equals gatheri
     check_same_step<B>(masked, gathered, 20, labels);
     check_same_step<B>(masked, gathered, 20, std::vector<std::int64_t>{10, 10, 10, 10, 2});
   }
+}
+
+TEMPLATE_LIST_TEST_CASE("routing contrastive loss: zero, and no gradient, with fewer than two active experts",
+                        "[routers][promoe][losses]", test_backends) {
+  using B = TestType;
+  using layer_t = moe_layer<router::prototypical, expert::mlp<act::gelu_tanh>, losses<loss::routing_contrastive>, B,
+                            double>;
+  const auto grads_with_weight = [](double weight, index_t tokens, double& value) {
+    typename layer_t::config cfg;
+    cfg.dim = 5, cfg.routed_experts = 4, cfg.expert_hidden = 6;
+    cfg.router.k = 1;
+    cfg.loss = {{weight, 0.07, true}};
+    layer_t layer(cfg, rng{7});
+    const auto x = to_device<B>(random_vector<double>(static_cast<std::size_t>(tokens * 5), 8), {tokens, 5});
+    const auto dy = to_device<B>(random_vector<double>(static_cast<std::size_t>(tokens * 5), 9), {tokens, 5});
+    typename layer_t::cache c;
+    (void)layer.forward(x, {}, c);
+    value = layer.aux_loss(c);
+    auto dx = layer.backward(dy, c).to_host();
+    for (const auto& [name, g] : promoe_test::read_grads(layer).tensors) dx.insert(dx.end(), g.begin(), g.end());
+    return dx;
+  };
+  double with = -1, without = -1;
+  // one token, top-1: a single active expert
+  const auto g1 = grads_with_weight(1.0, 1, with), g0 = grads_with_weight(0.0, 1, without);
+  CHECK(with == 0.0);
+  CHECK(without == 0.0);
+  CHECK(g1 == g0);
+  // several tokens: the loss is there and changes the gradients (the case above is not vacuous)
+  const auto h1 = grads_with_weight(1.0, 12, with), h0 = grads_with_weight(0.0, 12, without);
+  CHECK(with > 0.0);
+  CHECK(without == 0.0);
+  CHECK(h1 != h0);
 }
 
 TEST_CASE("conditional routing checks its labels", "[routers][errors]") {

@@ -115,7 +115,9 @@ class moe_layer<Router, Expert, losses<L...>, B, T, SharedExpert> {
     tensor<T, B> yp;          ///< [rows, D] expert outputs before gates
     tensor<T, B> shared_act;  ///< [shared, tokens, cache_width]
     std::tuple<typename L::template impl<T, B>::cache...> loss_caches;
-    std::array<T, num_losses> loss_values{};
+    /// [losses] the weighted loss values, in device memory: read only when asked for
+    /// (aux_loss, aux_losses), so a training step does not wait for them
+    tensor<compute_t<T>, B> loss_values;
     // backward workspaces
     tensor<T, B> dyp, dxp, scratch, dgate, ones;
     // the experts' work as tasks: forward row tiles {expert, first row, rows}, backward
@@ -162,7 +164,8 @@ class moe_layer<Router, Expert, losses<L...>, B, T, SharedExpert> {
     c.tokens = x.rows;
     c.labels.assign(labels.begin(), labels.end());
     c.tokens_per_sample = spt;
-    c.loss_values.fill(T(0));
+    c.loss_values.resize({static_cast<index_t>(num_losses)});
+    c.loss_values.fill(compute_t<T>(0));
     c.x.resize({x.rows, cfg_.dim});
     ops::copy<B>(x, c.x.matrix());
     if (x.rows > 0) run(route_input<T>{c.x.cmatrix(), c.labels, spt, true}, c, y, true);
@@ -251,16 +254,18 @@ class moe_layer<Router, Expert, losses<L...>, B, T, SharedExpert> {
   }
 
   /// Sum of the weighted auxiliary losses of the forward that filled `c`.
+  /// Reads the values back from the device (a wait for it there).
   T aux_loss(const cache& c) const {
-    T s = T(0);
-    for (T v : c.loss_values) s += v;
-    return s;
+    compute_t<T> s = 0;
+    for (compute_t<T> v : loss_values(c)) s += v;
+    return static_cast<T>(s);
   }
   /// (name, weighted value) per auxiliary loss, in order.
   std::vector<std::pair<std::string, T>> aux_losses(const cache& c) const {
     std::vector<std::pair<std::string, T>> out;
+    const auto values = loss_values(c);
     std::size_t i = 0;
-    ((out.emplace_back(L::name, c.loss_values[i++])), ...);
+    ((out.emplace_back(L::name, static_cast<T>(values[i++]))), ...);
     return out;
   }
 
@@ -348,7 +353,26 @@ class moe_layer<Router, Expert, losses<L...>, B, T, SharedExpert> {
 
   template <std::size_t... I>
   void forward_losses(const loss_input<T, B>& li, cache& c, std::index_sequence<I...>) const {
-    ((c.loss_values[I] = std::get<I>(losses_).forward(li, std::get<I>(c.loss_caches))), ...);
+    (forward_loss<I, L>(li, c), ...);
+  }
+  /// Loss I writes its value into c.loss_values[I] on the device; a loss that returns its
+  /// value on the host has it copied there.
+  template <std::size_t I, class Loss>
+  void forward_loss(const loss_input<T, B>& li, cache& c) const {
+    compute_t<T>* value = c.loss_values.data() + I;
+    if constexpr (loss_writes_device_value<Loss, T, B>) {
+      std::get<I>(losses_).forward(li, std::get<I>(c.loss_caches), value);
+    } else {
+      const auto v = static_cast<compute_t<T>>(std::get<I>(losses_).forward(li, std::get<I>(c.loss_caches)));
+      traits::copy_from_host(&v, 1, value);
+    }
+  }
+  /// The weighted loss values of the forward that filled `c` (zeros before one), read back.
+  std::array<compute_t<T>, num_losses> loss_values(const cache& c) const {
+    std::array<compute_t<T>, num_losses> v{};
+    if (num_losses > 0 && c.loss_values.size() == static_cast<index_t>(num_losses))
+      traits::copy_to_host(c.loss_values.data(), static_cast<index_t>(num_losses), v.data());
+    return v;
   }
   template <std::size_t... I>
   void backward_losses(const loss_input<T, B>& li, cache& c, std::index_sequence<I...>) const {

@@ -94,7 +94,6 @@ class dit_model {
     std::vector<block_cache> blocks;
     typename nn::final_layer<T, B>::cache final;
     tensor<T, B> out_tokens;       ///< [n, p*p*C_out]
-    std::vector<T> aux;            ///< per block auxiliary loss
     // backward scratch
     tensor<T, B> dx, dtok, dh, dmod, dc, dc_act, dm, dscratch, ones;
   };
@@ -195,7 +194,6 @@ class dit_model {
     traits::parallel_for(n, act::apply_rows_functor<act::silu, T>{c.c.data(), d, c.c_act.data(), d, d});
     // blocks
     c.blocks.resize(blocks_.size());
-    c.aux.assign(blocks_.size(), T(0));
     for (std::size_t i = 0; i < blocks_.size(); ++i) forward_block(i, c, training);
     // final layer and unpatchify
     c.out_tokens.resize({rows, final_.out_features()});
@@ -233,10 +231,14 @@ class dit_model {
   }
 
   /// Sum of the MoE blocks' weighted auxiliary losses of the forward that filled `c`.
+  /// The values stay on the device through the step; this reads them back (a wait there).
   T aux_loss(const cache& c) const {
-    T s = T(0);
-    for (T v : c.aux) s += v;
-    return s;
+    compute_t<T> s = 0;
+    if constexpr (has_moe)
+      if (c.ready)
+        for (std::size_t i = 0; i < blocks_.size(); ++i)
+          if (blocks_[i].moe) s += static_cast<compute_t<T>>(blocks_[i].moe->aux_loss(c.blocks[i].moe));
+    return static_cast<T>(s);
   }
 
   /// Every trainable parameter by its reference state-dict name.
@@ -328,7 +330,6 @@ class dit_model {
     } else if constexpr (has_moe) {
       if (training) {
         b.moe->forward(k.h2.cmatrix(), c.labels, k.m.matrix(), k.moe);
-        c.aux[i] = b.moe->aux_loss(k.moe);
       } else {
         b.moe->infer(k.h2.cmatrix(), c.labels, k.m.matrix());
       }

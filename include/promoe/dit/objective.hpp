@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "../backend/backend.hpp"
+#include "../backend/device_sum.hpp"
 #include "../backend/tensor.hpp"
 #include "../core/bf16.hpp"
 #include "../core/config.hpp"
@@ -144,6 +145,17 @@ struct training_batch {
   /// steps so the hot path does not allocate. Not for concurrent use.
   mutable tensor<double, B> scratch;
   std::vector<double> coef;  ///< [2N] host staging of the noising coefficients
+
+  /// [1] the loss of the last loss_and_grad / queue_loss_and_grad, in device memory.
+  mutable tensor<double, B> loss_value;
+  mutable tensor<double, B> loss_partial;  ///< the loss sum's workspace
+
+  /// Reads the last loss back from the device (a wait for it there); 0 before any.
+  double loss() const {
+    double v = 0;
+    if (loss_value.size() == 1) backend_traits<B>::copy_to_host(loss_value.data(), 1, &v);
+    return v;
+  }
 };
 
 namespace detail {
@@ -207,22 +219,24 @@ void draw_noised(const tensor<T, B>& x0, const std::vector<double>& coef, std::u
                                         x0.size() / n, seed, streams::training_noise(step), velocity});
 }
 
-/// loss = (1 / (N C H W)) Σ over the first C channels of (out − target)^2, and its gradient.
+/// batch.loss_value = (1 / (N C H W)) Σ over the first C channels of (out − target)^2, kept
+/// on the device, and its gradient d_out.
 template <class T, class B>
-T mse_first_channels(const char* who, const tensor<T, B>& out, const training_batch<T, B>& batch,
+void mse_first_channels(const char* who, const tensor<T, B>& out, const training_batch<T, B>& batch,
                      tensor<T, B>& d_out) {
   const auto& target = batch.target;
   check_model_output(who, target, out);
   d_out.resize(out.shape());
+  batch.loss_value.resize({1});
   const index_t count = target.size();
-  if (count == 0) return T(0);
+  if (count == 0) return backend_traits<B>::fill(batch.loss_value.data(), 1, 0.0);
   batch.scratch.resize({out.size()});
   const index_t plane = target.dim(2) * target.dim(3);
   backend_traits<B>::parallel_for(
       out.size(), mse_first_channels_functor<T>{out.data(), target.data(), d_out.data(), batch.scratch.data(),
                                                 target.dim(1), out.dim(1), plane, 2.0 / static_cast<double>(count)});
-  const double total = backend_traits<B>::sum(static_cast<const double*>(batch.scratch.data()), out.size());
-  return static_cast<T>(total / static_cast<double>(count));
+  ops::sum_into<B>(static_cast<const double*>(batch.scratch.data()), out.size(), 1.0 / static_cast<double>(count),
+                   batch.loss_value.data(), batch.loss_partial);
 }
 
 }  // namespace detail
@@ -273,7 +287,14 @@ struct rectified_flow {
   /// shape) receives d loss / d out, zero on the learned-sigma channels.
   template <class T, class B>
   T loss_and_grad(const tensor<T, B>& out, const training_batch<T, B>& batch, tensor<T, B>& d_out) const {
-    return detail::mse_first_channels("rectified_flow::loss_and_grad", out, batch, d_out);
+    detail::mse_first_channels("rectified_flow::loss_and_grad", out, batch, d_out);
+    return static_cast<T>(batch.loss());
+  }
+  /// As loss_and_grad, but the loss stays on the device (batch.loss() reads it back): a
+  /// training step need not wait for the device.
+  template <class T, class B>
+  void queue_loss_and_grad(const tensor<T, B>& out, const training_batch<T, B>& batch, tensor<T, B>& d_out) const {
+    detail::mse_first_channels("rectified_flow::loss_and_grad", out, batch, d_out);
   }
 };
 
@@ -419,7 +440,14 @@ class ddpm {
 
   template <class T, class B>
   T loss_and_grad(const tensor<T, B>& out, const training_batch<T, B>& batch, tensor<T, B>& d_out) const {
-    return detail::mse_first_channels("ddpm::loss_and_grad", out, batch, d_out);
+    detail::mse_first_channels("ddpm::loss_and_grad", out, batch, d_out);
+    return static_cast<T>(batch.loss());
+  }
+  /// As loss_and_grad, but the loss stays on the device (batch.loss() reads it back): a
+  /// training step need not wait for the device.
+  template <class T, class B>
+  void queue_loss_and_grad(const tensor<T, B>& out, const training_batch<T, B>& batch, tensor<T, B>& d_out) const {
+    detail::mse_first_channels("ddpm::loss_and_grad", out, batch, d_out);
   }
 
  private:

@@ -22,23 +22,35 @@ namespace promoe {
 /// A loss policy L has L::options (with a `weight`) and L::impl<T, Backend> with:
 ///  - impl(const options&, const router_layout&)
 ///  - impl::cache
-///  - forward(loss_input, cache&) -> T    (the weighted loss value)
+///  - forward(loss_input, cache&, compute_t<T>* value): writes the weighted loss value into
+///    `value`, one element of device memory, without waiting for the device (the layer reads
+///    the values only when they are asked for);
+///    or forward(loss_input, cache&) -> T, the weighted value computed on the host (simpler
+///    for a loss of your own; the layer stores it);
 ///  - backward(loss_input, cache&)        (adds its gradients into the input's dlogits, dx,
 ///                                          dprototypes)
 /// and optionally `static constexpr bool needs_prototypes = true` when it reads prototypes.
+template <class L, class T, class B>
+concept loss_writes_device_value =
+    requires(const typename L::template impl<T, B> l, const loss_input<T, B>& in,
+             typename L::template impl<T, B>::cache& c, compute_t<T>* value) { l.forward(in, c, value); };
+
 template <class L>
 concept LossPolicy =
     requires { typename L::options; typename L::template impl<double, backend::cpu>; } &&
     std::constructible_from<typename L::template impl<double, backend::cpu>, const typename L::options&,
                             const router_layout&> &&
     requires(typename L::template impl<double, backend::cpu> l, const typename L::options& o,
-             const router_layout& layout, const loss_input<double, backend::cpu>& in,
-             typename L::template impl<double, backend::cpu>::cache& c) {
+             const loss_input<double, backend::cpu>& in, typename L::template impl<double, backend::cpu>::cache& c) {
       o.weight;
-      { l.forward(in, c) } -> std::convertible_to<double>;
       l.backward(in, c);
       { L::name } -> std::convertible_to<const char*>;
-    };
+    } &&
+    (loss_writes_device_value<L, double, backend::cpu> ||
+     requires(typename L::template impl<double, backend::cpu> l, const loss_input<double, backend::cpu>& in,
+              typename L::template impl<double, backend::cpu>::cache& c) {
+       { l.forward(in, c) } -> std::convertible_to<double>;
+     });
 
 /// The auxiliary losses of a layer, in order.
 template <LossPolicy... L>

@@ -38,6 +38,35 @@ struct load_balance_backward_functor {
   }
 };
 
+/// From the slots per expert (the masked counts, or the plan's offsets without a mask) and the
+/// mean probabilities P: f_e = slots_e / total, *value = weight E sum_e f_e P_e and the
+/// backward's coefficients g_e = weight E f_e / counted. One thread: E is small, and nothing
+/// waits for the device.
+template <class T>
+struct load_balance_value_functor {
+  const compute_t<T>* masked_count;  // [E], or null: the plan's offsets
+  const index_t* offsets;            // [E + 1]
+  const T* mean;                     // [E]
+  index_t experts;
+  double weight, counted;
+  T* g;                 // [E]
+  compute_t<T>* value;  // [1]
+  PROMOE_HOST_DEVICE double slots(index_t e) const {
+    return masked_count ? static_cast<double>(masked_count[e]) : static_cast<double>(offsets[e + 1] - offsets[e]);
+  }
+  PROMOE_HOST_DEVICE void operator()(index_t) const {
+    double total = 0;
+    for (index_t e = 0; e < experts; ++e) total += slots(e);
+    double sum = 0;
+    for (index_t e = 0; e < experts; ++e) {
+      const double f = total > 0 ? slots(e) / total : 0.0;
+      sum += f * static_cast<double>(mean[e]);
+      g[e] = static_cast<T>(weight * static_cast<double>(experts) * f / counted);
+    }
+    *value = static_cast<compute_t<T>>(weight * static_cast<double>(experts) * sum);
+  }
+};
+
 /// count[e] = the filled slots of masked-in tokens that went to expert e.
 template <class T>
 struct masked_expert_count_functor {
@@ -68,55 +97,36 @@ struct load_balance {
     struct cache {
       tensor<T, B> probs;  ///< [tokens, E] softmax of the logits
       tensor<T, B> mean;   ///< [E] P_e
-      tensor<T, B> g;      ///< [E] gradient coefficients
+      tensor<T, B> g;      ///< [E] gradient coefficients weight E f_e / counted (f_e: dispatch fractions)
       tensor<compute_t<T>, B> count;  ///< [E] slots per expert of masked-in tokens (with a token mask)
-      std::vector<double> f;           ///< [E] dispatch fractions (host)
-      std::vector<T> mean_host, g_host;
-      std::vector<compute_t<T>> count_host;
     };
 
     impl(const options& o, const router_layout&) : opt_(o) {}
 
-    T forward(const loss_input<T, B>& in, cache& c) const {
+    void forward(const loss_input<T, B>& in, cache& c, compute_t<T>* value) const {
       const index_t n = in.tokens, e = in.experts;
       c.probs.resize({n, e});
       c.mean.resize({e});
-      c.f.assign(static_cast<std::size_t>(e), 0.0);
-      if (in.counted == 0) return T(0);
+      c.g.resize({e});
+      if (in.counted == 0) return traits::fill(value, 1, compute_t<T>(0));
       traits::parallel_for(n, detail::softmax_rows_functor<T>{in.logits, c.probs.data(), e});
       traits::parallel_for(e, detail::column_mean_functor<T>{c.probs.data(), in.token_mask, n, e, in.counted,
                                                              c.mean.data()});
-      const auto expert_slots = [&](index_t x) {
-        return in.token_mask ? static_cast<double>(c.count_host[x]) : static_cast<double>(in.plan->expert_rows(x));
-      };
       if (in.token_mask) {
         c.count.resize({e});
         traits::parallel_for(e, detail::masked_expert_count_functor<T>{in.plan->slot_expert.data(), in.token_mask, n,
                                                                        in.plan->slots_per_token, c.count.data()});
-        c.count.to_host(c.count_host);
       }
-      double total = 0;
-      for (index_t x = 0; x < e; ++x) total += expert_slots(x);
-      c.mean.to_host(c.mean_host);
-      const auto& mean = c.mean_host;
-      double value = 0;
-      for (index_t x = 0; x < e; ++x) {
-        c.f[x] = total > 0 ? expert_slots(x) / total : 0.0;
-        value += c.f[x] * static_cast<double>(mean[x]);
-      }
-      return static_cast<T>(opt_.weight * static_cast<double>(e) * value);
+      traits::parallel_for(1, detail::load_balance_value_functor<T>{in.token_mask ? c.count.data() : nullptr,
+                                                                    in.plan->offsets.data(), c.mean.data(), e,
+                                                                    opt_.weight, static_cast<double>(in.counted),
+                                                                    c.g.data(), value});
     }
 
     void backward(const loss_input<T, B>& in, cache& c) const {
-      const index_t n = in.tokens, e = in.experts;
       if (in.counted == 0) return;
-      auto& g = c.g_host;
-      g.resize(static_cast<std::size_t>(e));
-      for (index_t x = 0; x < e; ++x) g[x] = static_cast<T>(opt_.weight * e * c.f[x] / static_cast<double>(in.counted));
-      c.g.resize({e});
-      traits::copy_from_host(g.data(), e, c.g.data());
-      traits::parallel_for(n, detail::load_balance_backward_functor<T>{c.probs.data(), c.g.data(), in.token_mask, e,
-                                                                       in.dlogits});
+      traits::parallel_for(in.tokens, detail::load_balance_backward_functor<T>{c.probs.data(), c.g.data(),
+                                                                               in.token_mask, in.experts, in.dlogits});
     }
 
     const options& opts() const { return opt_; }

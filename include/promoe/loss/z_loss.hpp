@@ -6,6 +6,7 @@
 
 #include <cmath>
 
+#include "../backend/device_sum.hpp"
 #include "../backend/tensor.hpp"
 #include "../core/bf16.hpp"
 #include "concept.hpp"
@@ -64,19 +65,19 @@ struct z_loss {
     struct cache {
       tensor<compute_t<T>, B> lse;     ///< [tokens]
       tensor<compute_t<T>, B> square;  ///< [tokens]
+      tensor<double, B> partial;       ///< the sum's workspace
     };
 
     impl(const options& o, const router_layout&) : opt_(o) {}
 
-    T forward(const loss_input<T, B>& in, cache& c) const {
+    void forward(const loss_input<T, B>& in, cache& c, compute_t<T>* value) const {
       const index_t n = in.tokens;
       c.lse.resize({n});
       c.square.resize({n});
-      if (in.counted == 0) return T(0);
+      if (in.counted == 0) return traits::fill(value, 1, compute_t<T>(0));
       traits::parallel_for(n, detail::logsumexp_functor<T>{in.logits, in.experts, in.token_mask, c.lse.data(),
                                                            c.square.data()});
-      return static_cast<T>(opt_.weight * static_cast<double>(traits::sum(c.square.data(), n)) /
-                            static_cast<double>(in.counted));
+      ops::sum_into<B>(c.square.data(), n, opt_.weight / static_cast<double>(in.counted), value, c.partial);
     }
 
     void backward(const loss_input<T, B>& in, cache& c) const {
