@@ -281,7 +281,11 @@ class trainer {
           check_gradients(step);
           save(step + 1);
         });
-      if ((step + 1) % o_.sample_every == 0 || last) timer.time(timer.pictures, [&] { write_pictures(step + 1); });
+      if ((step + 1) % o_.sample_every == 0 || last)
+        timer.time(timer.pictures, [&] {
+          check_gradients(step);
+          write_pictures(step + 1);
+        });
     }
     bar.finish();
     timer.print(o_.steps - first);
@@ -326,8 +330,8 @@ class trainer {
   }
 
   /// Clipping counts NaN/Inf gradient norms on the device; they are read where the run reads
-  /// anyway (a log line, a checkpoint), so weights such gradients reached are never saved
-  /// over the last good checkpoint.
+  /// anyway (a log line, a checkpoint, the pictures), so weights such gradients reached are
+  /// never saved over the last good checkpoint or pictures.
   void check_gradients(index_t step) {
     const auto record = clip_workspace_.read_record();
     PROMOE_CHECK(record.non_finite_calls == 0, "training: ", record.non_finite_calls, " of the steps ",

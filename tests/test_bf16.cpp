@@ -477,27 +477,27 @@ TEMPLATE_LIST_TEST_CASE("bf16 samplers keep a float32 state: x is the float32 ru
 
 TEST_CASE("bf16 running thresholds average in float32 and restart from a buffer written from outside",
           "[bf16][routers]") {
-  running_thresholds<bf16, backend::cpu> tau;
+  running_thresholds<bf16, backend::cpu> tau;  // the cpu backend: its memory is the host's
   tau.reset(2, 1.0);
   // 0.05 (1.05 - 1) = 0.0025 is below half a bf16 step at 1 (0.0039): a bf16 average never moves
-  for (int step = 0; step < 300; ++step) {
-    tau.read();
-    tau.update(0, 0.95, bf16(1.05f));
-    tau.update(1, 0.95, bf16(-0.5f));
-    tau.store();
-  }
-  const auto& v = tau.read();
-  CHECK(v[0].bits == bf16(1.05f).bits);
-  CHECK(v[1].bits == bf16(-0.5f).bits);
+  const bf16 target[2] = {bf16(1.05f), bf16(-0.5f)};
+  for (int step = 0; step < 300; ++step) tau.update(target, 0.95);
+  CHECK(tau.data()[0].bits == bf16(1.05f).bits);
+  CHECK(tau.data()[1].bits == bf16(-0.5f).bits);
   // a checkpoint load writes the buffer: the average restarts from the loaded value
   const bf16 loaded[2] = {bf16(3.0f), bf16(0.25f)};
   backend_traits<backend::cpu>::copy_from_host(loaded, 2, tau.data());
-  tau.read();
-  tau.update(0, 0.5, bf16(3.0f));
-  tau.update(1, 0.5, bf16(0.25f));
-  tau.store();
-  CHECK(static_cast<float>(tau.read()[0]) == 3.0f);
-  CHECK(static_cast<float>(tau.read()[1]) == 0.25f);
+  tau.update(loaded, 0.5);
+  CHECK(static_cast<float>(tau.data()[0]) == 3.0f);
+  CHECK(static_cast<float>(tau.data()[1]) == 0.25f);
+  // without the load, the same update would have moved the averages half way from the targets
+  running_thresholds<bf16, backend::cpu> kept;
+  kept.reset(2, 1.0);
+  for (int step = 0; step < 300; ++step) kept.update(target, 0.95);
+  kept.update(loaded, 0.5);
+  const float half_way = static_cast<float>(kept.data()[0]);  // about (1.05 + 3) / 2
+  CHECK(half_way > 2.0f);
+  CHECK(half_way < 2.05f);
 }
 
 TEST_CASE("bf16 Expert Race and expert-choice layers learn their thresholds", "[bf16][routers]") {

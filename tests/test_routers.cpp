@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <numeric>
+#include <string>
 
 #include <promoe/promoe.hpp>
 
@@ -323,32 +324,85 @@ TEMPLATE_LIST_TEST_CASE("routing contrastive loss: zero, and no gradient, with f
   using B = TestType;
   using layer_t = moe_layer<router::prototypical, expert::mlp<act::gelu_tanh>, losses<loss::routing_contrastive>, B,
                             double>;
-  const auto grads_with_weight = [](double weight, index_t tokens, double& value) {
-    typename layer_t::config cfg;
-    cfg.dim = 5, cfg.routed_experts = 4, cfg.expert_hidden = 6;
-    cfg.router.k = 1;
-    cfg.loss = {{weight, 0.07, true}};
-    layer_t layer(cfg, rng{7});
-    const auto x = to_device<B>(random_vector<double>(static_cast<std::size_t>(tokens * 5), 8), {tokens, 5});
-    const auto dy = to_device<B>(random_vector<double>(static_cast<std::size_t>(tokens * 5), 9), {tokens, 5});
-    typename layer_t::cache c;
-    (void)layer.forward(x, {}, c);
-    value = layer.aux_loss(c);
-    auto dx = layer.backward(dy, c).to_host();
-    for (const auto& [name, g] : promoe_test::read_grads(layer).tensors) dx.insert(dx.end(), g.begin(), g.end());
-    return dx;
+  typename layer_t::config cfg;
+  cfg.dim = 5, cfg.routed_experts = 4, cfg.expert_hidden = 6;
+  cfg.router.k = 1;
+  const auto input = [](index_t tokens, std::uint64_t seed) {
+    return to_device<B>(random_vector<double>(static_cast<std::size_t>(tokens * 5), seed), {tokens, 5});
   };
-  double with = -1, without = -1;
-  // one token, top-1: a single active expert
-  const auto g1 = grads_with_weight(1.0, 1, with), g0 = grads_with_weight(0.0, 1, without);
-  CHECK(with == 0.0);
-  CHECK(without == 0.0);
-  CHECK(g1 == g0);
-  // several tokens: the loss is there and changes the gradients (the case above is not vacuous)
-  const auto h1 = grads_with_weight(1.0, 12, with), h0 = grads_with_weight(0.0, 12, without);
-  CHECK(with > 0.0);
-  CHECK(without == 0.0);
-  CHECK(h1 != h0);
+  // Gradients (dx, then every parameter's) of a step on `tokens` tokens with `c`, and the loss.
+  const auto step = [&](layer_t& layer, typename layer_t::cache& c, index_t tokens, double& value) {
+    layer.zero_grad();
+    (void)layer.forward(input(tokens, 8), {}, c);
+    value = layer.aux_loss(c);
+    auto out = layer.backward(input(tokens, 9), c).to_host();
+    for (const auto& [name, g] : promoe_test::read_grads(layer).tensors) out.insert(out.end(), g.begin(), g.end());
+    return out;
+  };
+  layer_t layer(cfg, rng{7});
+  cfg.loss = {{0.0, 0.07, true}};
+  layer_t unweighted(cfg, rng{7});
+  typename layer_t::cache reused, fresh;
+  double value = -1, zero = -1;
+  // several tokens: several active experts, a loss, and gradients it changes
+  const auto many = step(layer, reused, 12, value), many0 = step(unweighted, fresh, 12, zero);
+  CHECK(value > 0.0);
+  CHECK(zero == 0.0);
+  CHECK(many != many0);
+  // then one token, top-1, in the same cache: one active expert, so no loss and nothing
+  // left over from the larger step's centroids and softmax rows
+  typename layer_t::cache fresh1;
+  const auto one = step(layer, reused, 1, value), one0 = step(unweighted, fresh1, 1, zero);
+  CHECK(value == 0.0);
+  CHECK(one == one0);
+}
+
+/// A loss of one's own that computes its value on the host: forward returns it, and the layer
+/// stores it with the built-in losses' values (which are written on the device).
+struct counted_tokens_loss {
+  static constexpr const char* name = "counted_tokens";
+  struct options {
+    double weight = 1.0;
+  };
+  template <class T, class B>
+  struct impl {
+    struct cache {};
+    impl(const options& o, const router_layout&) : opt(o) {}
+    T forward(const loss_input<T, B>& in, cache&) const { return static_cast<T>(opt.weight * in.counted); }
+    void backward(const loss_input<T, B>&, cache&) const {}
+    options opt;
+  };
+};
+static_assert(LossPolicy<counted_tokens_loss>);
+
+TEMPLATE_LIST_TEST_CASE("a loss whose forward returns its value on the host sits beside the device-written ones",
+                        "[routers][losses]", test_backends) {
+  using B = TestType;
+  using layer_t =
+      moe_layer<router::top_k, expert::mlp<act::gelu_tanh>, losses<loss::z_loss, counted_tokens_loss>, B, double>;
+  using plain_t = moe_layer<router::top_k, expert::mlp<act::gelu_tanh>, losses<loss::z_loss>, B, double>;
+  typename layer_t::config cfg;
+  cfg.dim = 4, cfg.routed_experts = 3, cfg.expert_hidden = 5;
+  cfg.loss = {{0.1}, {0.5}};
+  typename plain_t::config pcfg;
+  pcfg.dim = 4, pcfg.routed_experts = 3, pcfg.expert_hidden = 5;
+  pcfg.loss = {{0.1}};
+  layer_t layer(cfg, rng{3});
+  plain_t plain(pcfg, rng{3});
+  typename layer_t::cache c;
+  typename plain_t::cache pc;
+  CHECK(layer.aux_loss(c) == 0.0);  // before any forward
+  const auto x = to_device<B>(random_vector<double>(7 * 4, 5), {7, 4});
+  (void)layer.forward(x, {}, c);
+  (void)plain.forward(x, {}, pc);
+  const auto values = layer.aux_losses(c);
+  REQUIRE(values.size() == 2);
+  CHECK(values[0].first == std::string("z_loss"));
+  CHECK(values[0].second == plain.aux_losses(pc)[0].second);
+  CHECK(values[0].second > 0.0);
+  CHECK(values[1].first == std::string("counted_tokens"));
+  CHECK(values[1].second == 0.5 * 7);
+  CHECK(layer.aux_loss(c) == values[0].second + values[1].second);
 }
 
 TEST_CASE("conditional routing checks its labels", "[routers][errors]") {

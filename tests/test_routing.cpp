@@ -10,10 +10,14 @@
 #include <limits>
 #include <numeric>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <catch2/catch.hpp>
 
+#include <promoe/core/bf16.hpp>
+#include <promoe/core/rng.hpp>
+#include <promoe/router/selection.hpp>
 #include <promoe/router/top_k.hpp>
 #include <promoe/routing/dispatch_plan.hpp>
 
@@ -425,4 +429,76 @@ TEMPLATE_LIST_TEST_CASE("top_k: logits, scores, gates and renormalisation on ran
           for (index_t e = 0; e < experts; ++e) CHECK(counts[e] == tokens);
         }
       }
+}
+
+// ---------------------------------------------------------------------------
+// select_top_in_groups against a stable sort on the host
+// ---------------------------------------------------------------------------
+
+namespace {
+
+/// Scores on `levels` values (many exact ties, +0 and -0 among them), selected per group on
+/// the backend and by a stable sort on the host: the same items and the same count-th score.
+template <class B, class T>
+void check_top_in_groups(const promoe::router::score_groups& groups, index_t total, index_t count,
+                         std::uint64_t seed, int levels) {
+  INFO("groups " << groups.groups << " of " << groups.size << ", count " << count << ", levels " << levels);
+  std::vector<T> host(static_cast<std::size_t>(total));
+  for (index_t i = 0; i < total; ++i) {
+    const double u = std::floor(promoe::rng::uniform(seed, 0, static_cast<std::uint64_t>(i)) * levels);
+    host[i] = static_cast<T>(u / levels - 0.5);
+    if (i % 11 == 3) host[i] = static_cast<T>(-0.0);
+  }
+  // reference: each group sorted by score (descending, as doubles: -0 == +0), ties by index
+  std::vector<std::uint8_t> want(static_cast<std::size_t>(total), 0);
+  std::vector<T> want_kth;
+  std::vector<index_t> items;
+  for (index_t g = 0; g < groups.groups; ++g) {
+    items.clear();
+    for (index_t j = 0; j < groups.size; ++j) items.push_back(groups.flat(g, j));
+    std::stable_sort(items.begin(), items.end(), [&](index_t a, index_t b) {
+      return static_cast<double>(host[a]) > static_cast<double>(host[b]);
+    });
+    const index_t taken = std::min(count, groups.size);
+    for (index_t q = 0; q < taken; ++q) want[items[q]] = 1;
+    want_kth.push_back(taken > 0 ? host[items[taken - 1]] : static_cast<T>(-std::numeric_limits<T>::infinity()));
+  }
+  const auto scores = promoe::tensor<T, B>::from_host(host, {total});
+  promoe::tensor<std::uint8_t, B> selected({total});
+  selected.fill(std::uint8_t{7});  // every item is written
+  promoe::tensor<T, B> kth({groups.groups});
+  promoe::router::top_in_groups_workspace<T, B> w;
+  promoe::router::select_top_in_groups<B>(scores.data(), groups, count, selected.data(), kth.data(), w);
+  CHECK(selected.to_host() == want);
+  const auto got_kth = kth.to_host();
+  for (index_t g = 0; g < groups.groups; ++g) {
+    CAPTURE(g);
+    CHECK(got_kth[g] == want_kth[g]);  // -inf when nothing is selected
+  }
+}
+
+template <class B, class T>
+void check_top_in_groups_shapes() {
+  using promoe::router::score_groups;
+  const index_t samples = 3, l = 50, e = 4;
+  // per-sample expert choice: [samples * l, e], a group per (sample, expert)
+  for (index_t count : {0, 1, 12, 50, 60})
+    for (int levels : {5, 1000})
+      check_top_in_groups<B, T>(score_groups{samples * e, l, e, e, l * e}, samples * l * e, count, 1, levels);
+  // batch-level expert choice: 2500 tokens (three chunks), a group per expert
+  for (index_t count : {0, 1, 625, 2500})
+    for (int levels : {3, 100000})
+      check_top_in_groups<B, T>(score_groups{e, 2500, e, e, 0}, 2500 * e, count, 2, levels);
+  // Expert Race: one group of every score
+  for (index_t count : {1, 1500, 3000})
+    check_top_in_groups<B, T>(score_groups{1, 3000, 1, 1, 0}, 3000, count, 3, 7);
+}
+
+}  // namespace
+
+TEMPLATE_LIST_TEST_CASE("select_top_in_groups: the top scores of every group, ties to the lower index",
+                        "[routing][selection]", test_configs) {
+  check_top_in_groups_shapes<typename TestType::backend, typename TestType::scalar>();
+  if constexpr (std::is_same_v<typename TestType::scalar, float>)
+    check_top_in_groups_shapes<typename TestType::backend, promoe::bf16>();
 }

@@ -11,6 +11,11 @@ template class promoe::moe_layer<router::top_k, expert::mlp<act::gelu_tanh>, los
 template class promoe::moe_layer<router::top_k, expert::mlp<act::gelu_tanh>, losses<>, backend::thrust, double>;
 // SwiGLU routed experts on bf16: the other bank's grouped path and cuBLAS's bf16 grouped GEMM
 template class promoe::moe_layer<router::top_k, expert::swiglu, losses<loss::z_loss>, backend::thrust, bf16>;
+// The routers that select within groups on the device (radix select, device thresholds)
+template class promoe::moe_layer<router::expert_choice, expert::mlp<act::gelu_tanh>, losses<loss::load_balance>,
+                                 backend::thrust, float>;
+template class promoe::moe_layer<router::expert_race, expert::mlp<act::gelu_tanh>, losses<>, backend::thrust, bf16>;
+template class promoe::moe_layer<router::expert_race, expert::mlp<act::gelu_tanh>, losses<>, backend::thrust, double>;
 // ProMoE with every loss: the routing contrastive loss's E x E functors on the device
 template class promoe::moe_layer<router::promoe, expert::mlp<act::gelu_tanh>,
                                  losses<loss::routing_contrastive, loss::load_balance, loss::z_loss>, backend::thrust,

@@ -4,8 +4,9 @@
 /// loss for the log) costs the device no wait for the host.
 ///
 /// The sum is taken in double over fixed chunks of 1024 elements (each in index order), then
-/// over the chunks in order by one thread: the result is the same on every backend, thread
-/// count and run.
+/// over the chunks in order by one thread: the result is the same on every thread count and
+/// run, and on every host backend (a GPU compiler may fuse a multiply and an add, which can
+/// change the last bits).
 #pragma once
 
 #include "backend.hpp"

@@ -4,7 +4,8 @@
 /// named_parameter list and torch.nn.utils.clip_grad_norm_ on it.
 ///
 /// The sum of squares is accumulated in double over fixed chunks (each chunk in index order,
-/// the chunks in order), so the norm is the same on every backend, thread count and run.
+/// the chunks in order), so the norm is the same on every thread count and run (ops::sum_into
+/// says where a GPU may differ in the last bits).
 /// clip_grad_norm scales by clip_coef = max_norm / (total_norm + 1e-6) when that is below 1
 /// (PyTorch multiplies by clamp(clip_coef, max=1), where 1 changes nothing).
 ///

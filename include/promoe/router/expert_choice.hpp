@@ -50,9 +50,9 @@ struct expert_choice {
 
     struct cache {
       tensor<T, B> logits, scores, dlogits;  ///< [tokens, E]
-      std::vector<T> host_scores;
-      std::vector<std::uint8_t> selected;
-      std::vector<index_t> items;
+      tensor<std::uint8_t, B> selected;      ///< [tokens, E] the chosen pairs
+      tensor<T, B> kth;                      ///< [groups] the C-th score of each expert's choice
+      top_in_groups_workspace<T, B> selection;
       loss_gradients<T, B> loss;
     };
 
@@ -69,33 +69,23 @@ struct expert_choice {
       gate_.forward(in.x, c.logits);
       c.scores.resize({n, e});
       traits::parallel_for(n, score::apply_rows_functor<T>{opt_.score, c.logits.data(), c.scores.data(), e});
-      c.scores.to_host(c.host_scores);
-      c.selected.assign(static_cast<std::size_t>(n * e), 0);
-      if (opt_.per_sample) {
-        const index_t l = in.tokens_per_sample;
-        PROMOE_CHECK(l > 0 && n % l == 0, "router::expert_choice: ", n, " tokens do not split into samples of ", l);
+      c.selected.resize({n, e});
+      if (opt_.per_sample || in.training) {
+        // an expert's group: the tokens of one sample (per-sample) or of the batch
+        const index_t l = opt_.per_sample ? in.tokens_per_sample : n;
+        if (opt_.per_sample)
+          PROMOE_CHECK(l > 0 && n % l == 0, "router::expert_choice: ", n, " tokens do not split into samples of ", l);
         const index_t capacity = capacity_of(l);
-        for (index_t first = 0; first < n; first += l)
-          for (index_t x = 0; x < e; ++x) {
-            c.items.clear();
-            for (index_t t = first; t < first + l; ++t) c.items.push_back(t * e + x);
-            select_top(c.host_scores, c.items, capacity, c.selected);
-          }
-      } else if (in.training) {
-        threshold_.read();
-        const index_t capacity = capacity_of(n);
-        for (index_t x = 0; x < e; ++x) {
-          c.items.clear();
-          for (index_t t = 0; t < n; ++t) c.items.push_back(t * e + x);
-          const T kth = select_top(c.host_scores, c.items, capacity, c.selected);
-          if (capacity > 0) threshold_.update(x, opt_.threshold_momentum, kth);
+        if (n > 0) {
+          const score_groups groups{(n / l) * e, l, e, e, l * e};
+          c.kth.resize({groups.groups});
+          select_top_in_groups<B>(c.scores.data(), groups, capacity, c.selected.data(), c.kth.data(), c.selection);
+          if (!opt_.per_sample && capacity > 0) threshold_.update(c.kth.data(), opt_.threshold_momentum);
         }
-        threshold_.store();
       } else {
-        const auto& tau = threshold_.read();
-        for (index_t i = 0; i < n * e; ++i) c.selected[i] = c.host_scores[i] >= tau[i % e] ? 1 : 0;
+        select_at_thresholds<B>(c.scores.data(), n, e, threshold_.data(), false, c.selected.data());
       }
-      plan_from_mask(c.selected, c.host_scores, n, e, layout_.experts(), plan);
+      plan_from_selection(c.selected.data(), c.scores.data(), n, e, layout_.experts(), plan);
     }
 
     loss_input<T, B> loss_view(const route_input<T>& in, cache& c, const dispatch_plan<T, B>& plan,

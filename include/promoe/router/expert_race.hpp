@@ -62,9 +62,9 @@ struct expert_race {
       tensor<T, B> logits;         ///< [tokens, E]
       tensor<T, B> dlogits, dh;    ///< backward workspaces
       tensor<T, B> ones;           ///< [tokens] for bias gradients
-      std::vector<T> host_logits;
-      std::vector<std::uint8_t> selected;
-      std::vector<index_t> items;
+      tensor<std::uint8_t, B> selected;  ///< [tokens, E] the pairs that won the race
+      tensor<T, B> kth;                  ///< [1] the (k N)-th logit
+      top_in_groups_workspace<T, B> selection;
       loss_gradients<T, B> loss;
     };
 
@@ -93,21 +93,17 @@ struct expert_race {
       traits::parallel_for(n, act::bias_apply_rows_functor<act::gelu, T>{c.h.data(), d, b1_.data(), c.a.data(), d, d});
       ops::broadcast_row<B>(c.logits.matrix(), b2_.data(), false);
       ops::gemm<B, T>(c.a.cmatrix(), transpose::no, w2_.cmatrix(), transpose::yes, c.logits.matrix(), T(1), T(1));
-      c.logits.to_host(c.host_logits);
-      c.selected.assign(static_cast<std::size_t>(n * e), 0);
-      const T tau = threshold_.read()[0];
+      c.selected.resize({n, e});
       if (in.training) {
-        c.items.resize(static_cast<std::size_t>(n * e));
-        for (index_t i = 0; i < n * e; ++i) c.items[i] = i;
-        const T kth = select_top(c.host_logits, c.items, opt_.k * n, c.selected);
-        if (n > 0) {
-          threshold_.update(0, opt_.threshold_momentum, kth);
-          threshold_.store();
-        }
+        // one group of every (token, expert) logit; the k N highest win
+        c.kth.resize({1});
+        select_top_in_groups<B>(c.logits.data(), score_groups{1, n * e, 1, 1, 0}, opt_.k * n, c.selected.data(),
+                                c.kth.data(), c.selection);
+        if (n > 0) threshold_.update(c.kth.data(), opt_.threshold_momentum);
       } else {
-        for (index_t i = 0; i < n * e; ++i) c.selected[i] = c.host_logits[i] >= tau ? 1 : 0;
+        select_at_thresholds<B>(c.logits.data(), n, e, threshold_.data(), true, c.selected.data());
       }
-      plan_from_mask(c.selected, c.host_logits, n, e, layout_.experts(), plan);
+      plan_from_selection(c.selected.data(), c.logits.data(), n, e, layout_.experts(), plan);
     }
 
     loss_input<T, B> loss_view(const route_input<T>& in, cache& c, const dispatch_plan<T, B>& plan,

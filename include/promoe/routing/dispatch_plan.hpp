@@ -44,8 +44,6 @@ struct dispatch_plan {
   tensor<index_t, B> row_slot;             ///< [rows]: the slot each expert-ordered row came from
   tensor<index_t, B> offsets;              ///< [experts + 1]: expert e owns rows offsets[e]..offsets[e+1]
   std::vector<index_t> host_offsets;       ///< the same offsets on the host, for the GEMM loop
-  std::vector<std::int32_t> host_slot_expert;  ///< staging for routers that select on the host
-  std::vector<T> host_slot_gate;
 
   /// Sizes the slot arrays and empties every slot.
   void reset(index_t num_tokens, index_t slots, index_t num_experts) {
